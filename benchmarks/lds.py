@@ -1,0 +1,336 @@
+"""LDS benchmark of STRIDE against its peers on the built-in demo setting.
+
+One command builds (or reuses) everything, in steps that each skip what is already done:
+
+1. prepare: the pool (built-in ``fortunes+facts`` minus held-out fortunes), >=100 queries
+   (held-out fortunes split into prompt/completion, and every planted-fact query), a
+   byte-level BPE tokenizer and the training recipe -> a ground-truth directory;
+2. model: the GPT-2 trained from scratch on the whole pool with that recipe;
+3. retrain: the ground truth, >=64 models retrained on random 30% subsets (resumable; more
+   processes can help: ``python -m stride_viz.retrain GT_DIR --shard 1/2``);
+4. methods: every peer in ``stride_viz.baselines`` and STRIDE (engine defaults), one process
+   per method so that peak memory is per method; scores saved as .npy;
+5. report: ``benchmarks/results/lds.json`` and ``benchmarks/results/lds.png``.
+
+    python benchmarks/lds.py                      # everything
+    python benchmarks/lds.py --steps retrain      # only some steps
+    python benchmarks/lds.py --methods trak,tfidf # only some methods
+
+Where things go: the ground truth (small, committed) in benchmarks/results/lds_ground_truth/;
+the model, the STRIDE run and every method's scores in benchmarks/work/ (gitignored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stride_viz import evaluation as ev  # noqa: E402
+from stride_viz.baselines import METHODS  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "benchmarks" / "work"
+GT_DIR = RESULTS / "lds_ground_truth"
+MODEL_DIR = WORK / "lds_model"
+SCORES = WORK / "lds_scores"
+RUN_DIR = WORK / "lds_stride_run"
+
+# Sized so that one retraining takes ~20 s on a shared 2-core CPU (64 of them in ~25 min).
+RECIPE = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, epochs=2.0, batch_size=32,
+              lr=3e-3, max_length=64, seed=0)
+VOCAB = 2048
+N_HELDOUT = 80
+N_SUBSETS = 64
+FRACTION = 0.3
+ALL_METHODS = ("stride",) + METHODS
+
+
+def _log(msg: str) -> None:
+    print(f"[lds {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_inputs(seed: int = 0):
+    """(pool, queries): fortunes+facts minus N_HELDOUT fortunes; those fortunes (prompt = the
+    first three words, completion = the rest) and the fact queries are the queries."""
+    from stride_viz.pools import Query, fact_queries, load_pool
+
+    full = load_pool("fortunes+facts")
+    sources = {s for f in full.facts for s in f.source_ids}
+    rng = np.random.default_rng(seed)
+    candidates = [i for i in range(len(full)) if full.ids[i] not in sources
+                  and not full.prompts[i] and len(full.completions[i].split()) >= 6]
+    held = set(rng.choice(candidates, size=N_HELDOUT, replace=False).tolist())
+    pool = full.subset([i for i in range(len(full)) if i not in held])
+    queries = []
+    for i in sorted(held):
+        words = full.completions[i].split(" ")
+        queries.append(Query(id=f"heldout-{full.ids[i]}", prompt=" ".join(words[:3]),
+                             completion=" " + " ".join(words[3:])))
+    return pool, queries + fact_queries(pool)
+
+
+def step_prepare() -> None:
+    from stride_viz.models import train_tokenizer
+    from stride_viz.retrain import prepare
+
+    if (GT_DIR / "metadata.json").exists():
+        _log(f"ground truth prepared already: {GT_DIR}")
+        return
+    pool, queries = build_inputs()
+    tok = train_tokenizer([pool.text(i) for i in range(len(pool))], VOCAB)
+    prepare(GT_DIR, pool, queries, tok, RECIPE, n_subsets=N_SUBSETS, fraction=FRACTION, seed=0)
+    _log(f"prepared {GT_DIR}: pool {len(pool)}, queries {len(queries)}")
+
+
+def step_model() -> None:
+    from stride_viz.retrain import open_inputs, train_recipe
+
+    if (MODEL_DIR / "config.json").exists():
+        _log(f"model exists: {MODEL_DIR}")
+        return
+    meta, pool, queries, tok = open_inputs(GT_DIR)
+    t0 = time.monotonic()
+    model = train_recipe(meta["recipe"], tok, pool)
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(MODEL_DIR)
+    tok.save_pretrained(MODEL_DIR)
+    (MODEL_DIR / "train_seconds.txt").write_text(f"{time.monotonic() - t0:.1f}\n")
+    _log(f"model trained in {time.monotonic() - t0:.0f} s -> {MODEL_DIR}")
+
+
+def step_retrain() -> None:
+    from stride_viz.progress import print_progress
+    from stride_viz.retrain import fill
+
+    fill(GT_DIR, (0, 1), progress=print_progress)
+
+
+VARIANTS = WORK / "lds_variants.json"
+
+
+def _variant(method: str) -> tuple[dict, dict]:
+    """FitConfig and RecoveryConfig overrides of 'stride' (defaults) or 'stride:<name>'
+    (an ablation registered with --variant)."""
+    if method == "stride":
+        return {}, {}
+    spec = json.loads(VARIANTS.read_text())[method.split(":", 1)[1]]
+    return spec.get("fit", {}), spec.get("recovery", {})
+
+
+def _stride_scores(method: str) -> dict:
+    """STRIDE (engine defaults, or an ablation variant): fit (one-off), then every query."""
+    from stride_viz.baselines import PeakRss
+    from stride_viz.config import FitConfig, RecoveryConfig
+    from stride_viz.engine import Stride
+    from stride_viz.models import load_model
+    from stride_viz.retrain import open_inputs
+
+    import hashlib
+
+    _, pool, queries, _ = open_inputs(GT_DIR)
+    lm = load_model(str(MODEL_DIR), device="cpu")
+    fit_over, rec_over = _variant(method)
+    config, recovery = FitConfig(**fit_over), RecoveryConfig(**rec_over)
+    # one run directory per fit setting: variants that change only the recovery share a fit
+    run_dir = RUN_DIR if not fit_over else RUN_DIR.with_name(
+        RUN_DIR.name + "-" + hashlib.sha1(json.dumps(fit_over, sort_keys=True).encode()).hexdigest()[:8])
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        run = Stride.create_or_open(run_dir, lm, pool, config)
+        run.fit()
+        fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        atts = run.attribute(queries, recovery, continuations=False)
+        per = (time.perf_counter() - t0) / len(queries)
+    scores = np.stack([a.scores for a in atts]).astype(np.float32)
+    fit_state = json.loads((run_dir / "fit" / "state.json").read_text())
+    # a resumed or reused fit took its time in an earlier process: report the recorded time
+    fit = max(fit, float(fit_state.get("seconds", 0.0)))
+    return {"scores": scores, "seconds_fit": fit, "seconds_per_query": per, "peak_rss_mb": rss.peak_mb,
+            "settings": {"fit": config.to_dict(), "recovery": recovery.to_dict(),
+                         "overrides": {"fit": fit_over, "recovery": rec_over},
+                         "note": "engine defaults (FitConfig(), RecoveryConfig()) + overrides"}}
+
+
+def run_one_method(method: str) -> None:
+    """Worker (own process): compute one method's scores and save them."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("LDS_THREADS", "1")))
+    from stride_viz.retrain import open_inputs
+
+    meta, pool, queries, _ = open_inputs(GT_DIR)
+    if method.startswith("stride"):
+        out = _stride_scores(method)
+    else:
+        from stride_viz.baselines import run_method
+        from stride_viz.models import load_model
+
+        lm = load_model(str(MODEL_DIR), device="cpu")
+        res = run_method(method, lm.model, lm.tokenizer, pool, queries,
+                         max_length=meta["recipe"]["max_length"])
+        out = {"scores": res.scores, **res.summary()}
+    SCORES.mkdir(parents=True, exist_ok=True)
+    np.save(SCORES / f"{method}.npy", out.pop("scores"))
+    (SCORES / f"{method}.json").write_text(json.dumps(out, indent=1, default=str))
+
+
+def step_methods(methods, force: bool = False, timeout: float = 3600) -> None:
+    for m in methods:
+        if (SCORES / f"{m}.npy").exists() and not force:
+            _log(f"{m}: scores exist, skipped")
+            continue
+        _log(f"{m}: running")
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, __file__, "--worker", m], timeout=timeout,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = proc.stderr.strip().splitlines()
+            msg = err[-1] if err else f"exit code {proc.returncode}"
+            SCORES.mkdir(parents=True, exist_ok=True)
+            (SCORES / f"{m}.failed").write_text(msg + "\n")
+            _log(f"{m}: FAILED ({msg})")
+        else:
+            (SCORES / f"{m}.failed").unlink(missing_ok=True)
+            _log(f"{m}: done in {time.monotonic() - t0:.0f} s")
+
+
+def step_report() -> dict:
+    gt = ev.read_ground_truth(GT_DIR)
+    meta = gt.metadata
+    queries = meta["queries"]
+    from stride_viz.retrain import open_inputs
+
+    _, pool, _, _ = open_inputs(GT_DIR)
+    from stride_viz.pools import load_pool
+
+    # planted facts: relevant pool indices of each fact query (by id, through the full pool)
+    facts = {f.query.id: f.source_ids for f in load_pool("fortunes+facts").facts}
+    fact_rows = [q for q, item in enumerate(queries) if item["id"] in facts]
+    relevant = [[pool.index_of(s) for s in facts[queries[q]["id"]]] for q in fact_rows]
+    heldout_rows = [q for q in range(len(queries)) if q not in set(fact_rows)]
+    methods = {}
+    variants = sorted({p.stem for ext in ("npy", "failed") for p in SCORES.glob(f"stride:*.{ext}")}
+                      if SCORES.exists() else [])
+    for m in list(ALL_METHODS) + variants:
+        f = SCORES / f"{m}.npy"
+        if not f.exists():
+            failed = SCORES / f"{m}.failed"
+            if failed.exists():
+                methods[m] = {"status": "failed", "error": failed.read_text().strip(),
+                              "settings": _settings_of(m)}
+            continue
+        scores = ev.load_scores(f, len(queries))
+        info = json.loads((SCORES / f"{m}.json").read_text())
+        res = ev.lds(scores, gt.train_subsets, gt.test_loss)
+        methods[m] = {"status": "ok", **res.to_dict(),
+                      "lds_mean_heldout": float(res.per_query[heldout_rows].mean()),
+                      "lds_mean_facts": float(res.per_query[fact_rows].mean()),
+                      "recall_at_10": ev.recall_at_k(scores[fact_rows], relevant, 10),
+                      "mrr": ev.mrr(scores[fact_rows], relevant), **info,
+                      "scores_file": str(f.relative_to(ROOT))}
+    report = {
+        "what": "Linear Datamodeling Score (Spearman, per query, between the sum of a method's "
+                "scores over a retrained subset and minus the query's loss under the model "
+                "retrained on it; higher is better, 0 = no information), planted-fact recall@10 "
+                "and MRR (fact queries only), wall time (one-off fit, and per query amortised "
+                "over a batch of all queries) and peak resident memory of the method's process.",
+        "setting": {"pool": meta["pool"], "n_queries": len(queries), "n_fact_queries": len(fact_rows),
+                    "n_heldout_queries": len(heldout_rows), "n_subsets": len(gt.train_subsets),
+                    "fraction": meta.get("fraction"), "recipe": meta["recipe"],
+                    "loss": meta.get("loss"),
+                    "model_train_seconds": _read_float(MODEL_DIR / "train_seconds.txt"),
+                    "machine": "2 shared CPU cores, torch threads 1 per method"},
+        "ground_truth": str(GT_DIR.relative_to(ROOT)),
+        "methods": methods,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lds.json").write_text(json.dumps(report, indent=1))
+    _plot(report)
+    _log(f"wrote {RESULTS / 'lds.json'}")
+    for m, r in methods.items():
+        if r["status"] == "ok":
+            _log(f"{m:11s} LDS {r['lds_mean']:+.3f} ± {r['lds_std']:.3f}  recall@10 {r['recall_at_10']:.2f}"
+                 f"  MRR {r['mrr']:.2f}  fit {r['seconds_fit']:.1f}s  per query {r['seconds_per_query']:.3f}s")
+        else:
+            _log(f"{m:11s} FAILED: {r['error']}")
+    return report
+
+
+def _settings_of(m: str) -> dict:
+    from stride_viz.baselines import default_settings
+
+    return {} if m.startswith("stride") else default_settings(m)
+
+
+def _read_float(path: Path):
+    try:
+        return float(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _plot(report: dict) -> None:
+    from stride_viz.eval_plots import lds_distribution
+
+    fig = lds_distribution({m: r["lds_per_query"] for m, r in report["methods"].items()
+                            if r["status"] == "ok"})
+    try:
+        fig.write_image(RESULTS / "lds.png", width=900, height=500)
+    except Exception as e:  # kaleido/chrome missing: keep the interactive html only
+        _log(f"png export unavailable ({type(e).__name__}); wrote lds.html only")
+    fig.write_html(RESULTS / "lds.html", include_plotlyjs="cdn")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", default="prepare,model,retrain,methods,report")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--force", action="store_true", help="recompute method scores that exist")
+    ap.add_argument("--variant", action="append", default=[],
+                    help='an ablation of STRIDE: NAME=JSON, e.g. k256=\'{"fit": {"subsets": 256}}\' '
+                         'or cv1se=\'{"recovery": {"selection": "cv-1se"}}\'; run as method stride:NAME')
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        run_one_method(a.worker)
+        return
+    steps = a.steps.split(",")
+    registered = json.loads(VARIANTS.read_text()) if VARIANTS.exists() else {}
+    for v in a.variant:
+        name, _, spec = v.partition("=")
+        spec = json.loads(spec)
+        from stride_viz.config import FitConfig, RecoveryConfig
+
+        FitConfig(**spec.get("fit", {})), RecoveryConfig(**spec.get("recovery", {}))  # validate
+        registered[name] = spec
+        WORK.mkdir(parents=True, exist_ok=True)
+        VARIANTS.write_text(json.dumps(registered, indent=1))
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in methods if m not in ALL_METHODS
+               and not (m.startswith("stride:") and m.split(":", 1)[1] in registered)]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if "prepare" in steps:
+        step_prepare()
+    if "model" in steps:
+        step_model()
+    if "retrain" in steps:
+        step_retrain()
+    if "methods" in steps:
+        step_methods(methods, a.force)
+    if "report" in steps:
+        step_report()
+
+
+if __name__ == "__main__":
+    main()

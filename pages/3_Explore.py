@@ -1,0 +1,246 @@
+"""Explore: one finished run and one of its queries, as linked interactive charts.
+
+Reads the run directory only (no model is loaded here). The URL carries the run, the query
+and the selected example (?run=...&query=...&example=...), so a view can be shared as a link.
+Selecting an example in any chart or in the table highlights it everywhere.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import streamlit as st
+
+from stride_viz import plots, ui
+from stride_viz.jobs import JobError
+from stride_viz.report import build_report, fact_sources, top_table
+
+ui.page_setup("Explore")
+st.title("Explore an attribution")
+
+all_runs = [r for r in ui.runs() if r.query_ids]
+if not all_runs:
+    st.info("No finished run yet. Launch the built-in demo from the Home or Launch page; it appears "
+            "here when its first query is explained.")
+    st.page_link("pages/1_Launch.py", label="Go to Launch", icon=":material/rocket_launch:")
+    st.stop()
+
+ui.init_from_url({"run": "explore_run", "query": "explore_query", "example": "explore_example"})
+by_name = {r.name: r for r in all_runs}
+if st.session_state.get("explore_run") not in by_name:
+    if st.session_state.get("explore_run"):
+        st.warning(f"Run {st.session_state['explore_run']!r} from the link was not found here; showing "
+                   f"the most recent run instead.")
+    st.session_state["explore_run"] = all_runs[0].name
+
+# ----------------------------------------------------------------------------- selectors
+with st.sidebar:
+    st.selectbox("Run", list(by_name), key="explore_run", format_func=lambda n: by_name[n].label(),
+                 help="A model + pool + settings whose operators are fitted.")
+run = ui.run_info(str(by_name[st.session_state["explore_run"]].path))
+run_dir = str(run.path)
+if st.session_state.get("explore_query") not in run.query_ids:
+    st.session_state["explore_query"] = run.query_ids[0]
+with st.sidebar:
+    st.selectbox("Query", run.query_ids, key="explore_query", help="An explained prompt of this run.")
+q = ui.query_view(run_dir, st.session_state["explore_query"])
+pool = ui.pool_rows(run_dir)
+ids = pool["id"].tolist()
+texts = pool["text"].tolist()
+row_of = {e: i for i, e in enumerate(ids)}
+sources = fact_sources(run_dir, q.info)
+marked = {row_of[s] for s in sources if s in row_of}
+
+# examples ranked by score (non-zero first), then the rest: every example can be selected
+ranked = [int(i) for i in top_table(pool, q.scores)["row"]]
+rest = sorted(set(range(len(ids))) - set(ranked))
+example_options = [""] + [ids[i] for i in ranked + rest]
+if st.session_state.get("explore_example") not in row_of:
+    st.session_state["explore_example"] = ""
+
+
+def _pick_example(chart_key: str) -> None:
+    """A click in a chart (customdata = pool row) selects that example everywhere."""
+    points = st.session_state[chart_key]["selection"]["points"]
+    if points:
+        cd = points[0].get("customdata")
+        row = cd[0] if isinstance(cd, list) else cd
+        if row is not None and 0 <= int(row) < len(ids):
+            st.session_state["explore_example"] = ids[int(row)]
+
+
+def _pick_table_row() -> None:
+    sel = st.session_state["explore_table"]["selection"]["rows"]
+    if sel:
+        st.session_state["explore_example"] = st.session_state["_explore_table_ids"][sel[0]]
+
+
+def _pick_operator() -> None:
+    points = st.session_state["explore_resp_chart"]["selection"]["points"]
+    if points:
+        cd = points[0].get("customdata")
+        k = cd[0] if isinstance(cd, list) else cd
+        if k is not None:
+            st.session_state["explore_operator"] = int(k)
+
+
+with st.sidebar:
+    st.selectbox("Selected example", example_options, key="explore_example",
+                 format_func=lambda e: "— none —" if not e else
+                 f"{'★ ' if row_of[e] in marked else ''}{e}: {q.scores[row_of[e]]:+.3g} nats",
+                 help="Click a bar, a path line or a table row to select an example; it is highlighted "
+                      "in every chart. Ranked by score (nats; > 0 helps).")
+sel_id = st.session_state["explore_example"]
+sel = row_of[sel_id] if sel_id else None
+ui.set_url(run=run.name, query=q.id, example=sel_id or None)
+
+# ----------------------------------------------------------------------------- header
+cfg = run.meta["config"]
+st.caption(f"Run `{run.name}` · model `{run.meta['model']['spec']}` · pool `{run.meta['pool']['spec']}` "
+           f"({run.n} examples) · K = {run.K} subsets, each example in d = {cfg['per_example']} of them · "
+           f"operators: {cfg['mode']} mode, rank {cfg['rank']} · fit took "
+           f"{ui.fmt_seconds(run.fit_state.get('seconds'))}")
+if run.is_demo:
+    with st.expander("About this demo run", expanded=True):
+        st.markdown(ui.DEMO_EXPLANATION.format(n=run.n, K=run.K))
+        facts = [qid for qid in run.query_ids if qid.startswith("fact-")]
+        if facts:
+            st.markdown(f"Planted-fact queries in this run: {', '.join(f'`{f}`' for f in facts)}. "
+                        f"Pick one in the sidebar.")
+
+# ----------------------------------------------------------------------------- the query
+st.subheader("The query")
+gen = " (written by the model itself: no completion was given)" if q.info.get("completion_generated") else ""
+st.markdown(f"Mean loss of the completion under the base model: **{q.info['loss_base']:.3f} nats per "
+            f"token**{gen}. Each completion token is shaded by its loss.")
+st.html(plots.token_loss_html(q.info["prompt"], q.info["tokens"], q.info["token_loss"]))
+
+# ----------------------------------------------------------------------------- top examples
+st.subheader("Top influential examples")
+st.markdown(ui.SIGN_NOTE + (" ★ marks a known source document of this planted fact." if marked else ""))
+c1, c2, c3 = st.columns([1, 1, 2])
+top_n = c1.slider("Examples per side", 3, 50, 10, key="explore_top_n")
+side = c2.radio("Show", ["both", "proponents (helps)", "opponents (hurts)"], key="explore_side")
+search = c3.text_input("Search the text or id", key="explore_search", placeholder="e.g. Vorlandia")
+shown = q.scores.astype(float).copy()
+if side.startswith("proponents"):
+    shown[shown < 0] = 0
+elif side.startswith("opponents"):
+    shown[shown > 0] = 0
+n_pos, n_neg = int((q.scores > 0).sum()), int((q.scores < 0).sum())
+st.caption(f"{n_pos} examples help and {n_neg} hurt at the chosen λ; the other {len(ids) - n_pos - n_neg} "
+           f"have a score of exactly 0 (no detectable influence).")
+if marked:
+    # rank of the planted fact's own sources among all examples (score, ties by back-projection)
+    order = np.lexsort((-q.backprojection.astype(float), -q.scores.astype(float)))
+    rank = {int(i): r + 1 for r, i in enumerate(order)}
+    best = min(marked, key=rank.get)
+    st.markdown(f"**Planted fact check:** the best-ranked of its {len(marked)} known source document(s), "
+                f"`{ids[best]}`, is **#{rank[best]}** of {len(ids)} (score {q.scores[best]:+.3g} nats). "
+                f"A rank within the top 10 means STRIDE found where the model learnt this fact.")
+st.plotly_chart(plots.top_examples_figure(ids, shown, texts, top=top_n, selected=sel, marked=marked),
+                key="explore_top_chart", on_select=lambda: _pick_example("explore_top_chart"),
+                selection_mode="points", width="stretch")
+
+table = top_table(pool, shown, q.backprojection, sources)
+if search.strip():
+    needle = search.strip().lower()
+    table = table[table["text"].str.lower().str.contains(needle, regex=False)
+                  | table["id"].str.lower().str.contains(needle, regex=False)]
+st.session_state["_explore_table_ids"] = table["id"].tolist()
+st.dataframe(table.drop(columns=["row"]), key="explore_table", on_select=_pick_table_row,
+             selection_mode="single-row", hide_index=True, width="stretch", height=260,
+             column_config={"score_nats": st.column_config.NumberColumn("score (nats)", format="%+.4g",
+                                                                        help="> 0 helps, < 0 hurts"),
+                            "backprojection_nats": st.column_config.NumberColumn(
+                                "back-projection (nats)", format="%+.3g",
+                                help="Fast estimate: mean response of the subsets containing the example.")})
+d1, d2, _ = st.columns([1, 1, 3])
+d1.download_button("Download CSV", table.drop(columns=["row"]).to_csv(index=False), f"{run.name}-{q.id}.csv",
+                   "text/csv", key="explore_dl_csv")
+d2.download_button("Download JSON", table.drop(columns=["row"]).to_json(orient="records", indent=1),
+                   f"{run.name}-{q.id}.json", "application/json", key="explore_dl_json")
+
+if sel is not None:
+    with st.container(border=True):
+        s = float(q.scores[sel])
+        effect = "helps (proponent)" if s > 0 else "hurts (opponent)" if s < 0 else "no detectable influence"
+        st.markdown(f"**Selected example `{sel_id}`** (pool row {sel}){' ★ planted source' if sel in marked else ''}"
+                    f" — score **{s:+.4g} nats**: {effect}; back-projection estimate "
+                    f"{float(q.backprojection[sel]):+.3g} nats.")
+        st.text(texts[sel])
+
+# ----------------------------------------------------------------------------- sparsity path
+st.subheader("Sparsity path")
+st.markdown("The Lasso solution for every λ, from λ_max (no example) to weak regularisation (many). "
+            "Coloured lines: the top examples; the dashed line: the λ chosen by cross-validation over "
+            "held-out operators (lower panel: held-out error, nats², and the number of non-zero examples).")
+pro, con = plots.top_indices(q.scores, 6)
+st.plotly_chart(plots.sparsity_path_figure(q.path["ratios"], q.path["coefs"], q.path["nonzeros"],
+                                           q.path["cv_mean"], q.path["cv_std"], q.path["chosen_index"], ids,
+                                           highlight=list(pro) + list(con[:3]), selected=sel),
+                key="explore_path_chart", on_select=lambda: _pick_example("explore_path_chart"),
+                selection_mode="points", width="stretch")
+
+# ----------------------------------------------------------------------------- responses
+st.subheader("Operator responses")
+st.markdown(ui.RESPONSE_NOTE, unsafe_allow_html=True)
+member = ui.membership(run_dir, sel) if sel is not None else None
+if member is not None:
+    st.caption(f"Green: the {int(member.sum())} subsets that contain `{sel_id}`. If the example matters, "
+               f"their responses sit apart from the others.")
+else:
+    st.caption("Select an example to compare the subsets that contain it with the others.")
+K = q.responses.shape[0]
+order = [int(k) for k in np.argsort(-q.responses)]
+if st.session_state.get("explore_operator") not in order:
+    st.session_state["explore_operator"] = order[0]
+st.plotly_chart(plots.responses_figure(q.responses, member=member, member_label=sel_id or "",
+                                       selected_k=st.session_state["explore_operator"]),
+                key="explore_resp_chart", on_select=_pick_operator, selection_mode="points", width="stretch")
+
+st.markdown("##### Base and steered continuation")
+conts = {o["k"]: o for o in (q.continuations or {}).get("operators", [])}
+st.selectbox("Operator", order, key="explore_operator",
+             format_func=lambda k: f"operator {k}: y = {q.responses[k]:+.4g} nats"
+                                   + (" · continuation ready" if k in conts else ""),
+             help="Sorted by response; click a point of the sorted chart to pick one.")
+k = st.session_state["explore_operator"]
+b, s_ = st.columns(2)
+with b:
+    st.markdown("**Base model**")
+    base = (q.continuations or {}).get("base")
+    st.code(q.info["prompt"] + (base if base is not None else " …(not generated)"), language="text", wrap_lines=True)
+with s_:
+    st.markdown(f"**Steered by operator {k}** (y = {q.responses[k]:+.4g} nats)")
+    if k in conts:
+        st.code(q.info["prompt"] + conts[k]["text"], language="text", wrap_lines=True)
+    else:
+        job_key = f"cont_job_{run.name}_{q.id}_{k}"
+        if st.button("Generate this continuation", key="explore_gen_cont",
+                     help="Starts a short background job that loads the model and continues the prompt "
+                          "steered by this operator."):
+            try:
+                st.session_state[job_key] = ui.executor().submit(
+                    "continuation", {"run_dir": run_dir, "query_id": q.id, "k": int(k)})
+            except JobError as e:
+                st.error(str(e))
+        if st.session_state.get(job_key) is not None:
+            ui.live_job(st.session_state[job_key], key="explore_cont")
+
+# ----------------------------------------------------------------------------- report
+st.subheader("Share")
+st.markdown("The address bar holds this view (run, query, selected example): copy it to share. For "
+            "people without the app, download the run as one HTML file with interactive charts.")
+
+
+@st.cache_data(show_spinner="Writing the report…", max_entries=4)
+def _report(run_dir: str, stamp: tuple) -> str:
+    return build_report(run_dir)
+
+
+st.download_button("Download HTML report", _report(run_dir, tuple(run.query_ids)) if st.session_state.get(
+    "explore_want_report") else "", f"stride-report-{run.name}.html", "text/html", key="explore_dl_report",
+    disabled=not st.session_state.get("explore_want_report"))
+if not st.session_state.get("explore_want_report"):
+    st.button("Prepare the HTML report", key="explore_prepare_report",
+              on_click=lambda: st.session_state.update(explore_want_report=True))

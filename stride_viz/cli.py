@@ -1,0 +1,211 @@
+"""Command-line interface: ``python -m stride_viz <command> --help``.
+
+    python -m stride_viz train-model --pool fortunes+facts --out models/tiny --preset tiny
+    python -m stride_viz fit --model models/tiny --pool fortunes+facts --run runs/demo
+    python -m stride_viz attribute --run runs/demo --prompt "The capital of Vorlandia is" --out out/
+    python -m stride_viz demo
+
+Every bad input exits with status 2 and one line on stderr that says what to fix; results
+already on disk are never touched by a failed command.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .config import ConfigError, FitConfig, RecoveryConfig, help_of
+from .progress import Cancelled, print_progress
+
+__all__ = ["main", "build_parser"]
+
+_FIT_FLAGS = ("subsets", "per_example", "rank", "layer", "mode", "seed", "epochs", "batch_size", "lr",
+              "stability_weight", "linearity_weight", "max_length", "device")
+_RECOVERY_FLAGS = ("selection", "cv_folds", "target_nonzeros", "path_length", "eps")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str]) -> None:
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if f.name not in names:
+            continue
+        default = getattr(defaults, f.name)
+        kind = {int: int, float: float}.get(type(default), str)
+        if f.name == "layer":
+            kind = int
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                            help=f"{help_of(cls, f.name)} (default: {default})")
+
+
+def _config_from(args: argparse.Namespace, cls: type, names: Sequence[str]):
+    values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stride_viz",
+                                description="STRIDE training-data attribution: which training "
+                                            "examples made the model say this?")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train-model", help="train the built-in demo model (tokenizer + GPT-2) on a pool")
+    t.add_argument("--pool", required=True, help="pool file, folder or built-in name (fortunes, fortunes+facts)")
+    t.add_argument("--out", required=True, help="folder to save the model in (save_pretrained)")
+    t.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="model size (default: tiny)")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+
+    f = sub.add_parser("fit", help="design the subsets and train the steering operators (stages 1-2)")
+    f.add_argument("--model", required=True, help="hub id, local folder, or demo / demo:tiny / demo:small")
+    f.add_argument("--pool", required=True, help="pool file, folder or built-in name")
+    f.add_argument("--run", required=True, help="run directory (created, or resumed if it exists)")
+    f.add_argument("--limit", type=int, default=None, help="use only the first N pool examples")
+    f.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    _add_config_flags(f, FitConfig, _FIT_FLAGS)
+
+    a = sub.add_parser("attribute", help="explain queries with a fitted run (stages 3-4)")
+    a.add_argument("--run", required=True, help="a fitted run directory")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--queries", help="JSONL file: prompt, optional completion and id per line")
+    src.add_argument("--prompt", help="one query prompt")
+    a.add_argument("--completion", help="the completion to explain (default: the model's greedy continuation)")
+    a.add_argument("--out", required=True, help="folder for scores.npy, responses.npy, topk.csv, paths/")
+    a.add_argument("--top", type=int, default=10, help="examples per sign in topk.csv (default: 10)")
+    a.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    a.add_argument("--no-continuations", action="store_true", help="skip the base/steered continuations")
+    _add_config_flags(a, RecoveryConfig, _RECOVERY_FLAGS)
+
+    d = sub.add_parser("demo", help="built-in model + fortunes+facts pool, fitted and explained end to end")
+    d.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="demo model size (default: tiny)")
+    d.add_argument("--run", default=None, help="run directory (default: under $STRIDE_VIZ_HOME/runs)")
+    d.add_argument("--queries", type=int, default=None, help="explain only the first N fact queries")
+    _add_config_flags(d, FitConfig, _FIT_FLAGS)
+    return p
+
+
+# ---------------------------------------------------------------------------- commands
+def _train_model(args: argparse.Namespace) -> None:
+    from .models import train_demo_model
+    from .pools import load_pool
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder so that "
+                          "nothing there is overwritten.")
+    path = train_demo_model(load_pool(args.pool), out, preset=args.preset, seed=args.seed,
+                            progress=print_progress)
+    print(path)
+
+
+def _fit(args: argparse.Namespace) -> None:
+    from .engine import Stride
+    from .models import load_model
+    from .pools import load_pool
+    config = _config_from(args, FitConfig, _FIT_FLAGS)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1. Got {args.limit} instead.")
+    pool = load_pool(args.pool, limit=args.limit)
+    model = load_model(args.model, device=config.device, trust_remote_code=args.trust_remote_code)
+    run = Stride.create_or_open(args.run, model, pool, config)
+    run.fit(progress=print_progress)
+    print(run.store.root)
+
+
+def _queries_from(args: argparse.Namespace):
+    from .pools import Query, load_queries
+    if args.queries:
+        return load_queries(args.queries)
+    if args.completion is not None and args.completion == "":
+        raise ConfigError("--completion is empty: give the text to explain, or leave the flag out "
+                          "to let the model complete the prompt.")
+    return [Query("q0", args.prompt, args.completion)]
+
+
+def write_outputs(out: Path, run, attributions, top: int) -> None:
+    """scores.npy (Q, n) float32, responses.npy (Q, K) float32, topk.csv, paths/<query>.npz."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "scores.npy", np.stack([a.scores for a in attributions]).astype(np.float32))
+    np.save(out / "responses.npy", np.stack([a.responses for a in attributions]).astype(np.float32))
+    (out / "paths").mkdir(exist_ok=True)
+    for a in attributions:
+        src = a.folder / "path.npz"
+        (out / "paths" / f"{a.folder.name}.npz").write_bytes(src.read_bytes())
+    pool = run.pool
+    with open(out / "topk.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["query_id", "rank", "example_id", "score", "text"])
+        for a in attributions:
+            for sign in (1, -1):
+                for rank, i in enumerate(a.top(top, sign), start=1):
+                    if a.scores[i] * sign <= 0:
+                        break
+                    w.writerow([a.query.id, sign * rank, pool.ids[i], f"{a.scores[i]:.6g}", pool.text(i)])
+    (out / "queries.json").write_text(json.dumps([a.info for a in attributions], indent=1))
+
+
+def _attribute(args: argparse.Namespace) -> None:
+    from .engine import Stride
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1. Got {args.top} instead.")
+    recovery = _config_from(args, RecoveryConfig, _RECOVERY_FLAGS)
+    queries = _queries_from(args)
+    run = Stride.open(args.run, device=args.device)
+    attributions = run.attribute(queries, recovery, progress=print_progress,
+                                 continuations=not args.no_continuations)
+    write_outputs(Path(args.out), run, attributions, args.top)
+    _print_top(run, attributions, min(args.top, 5))
+    print(f"wrote {args.out}/scores.npy, responses.npy, topk.csv, paths/")
+
+
+def _print_top(run, attributions, n: int) -> None:
+    for a in attributions:
+        print(f"\nquery {a.query.id}: {a.query.prompt!r} -> {a.query.completion!r}")
+        print("  score = nats of completion loss removed by training on the example "
+              "(+ helps, - hurts)")
+        for i in a.top(n, 1):
+            if a.scores[i] <= 0:
+                break
+            print(f"  +{a.scores[i]:.4f}  {run.pool.ids[i]:>16}  {run.pool.text(i)[:80]!r}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    config = _config_from(args, FitConfig, _FIT_FLAGS)
+    run_demo(preset=args.preset, config=config, run_dir=args.run, n_queries=args.queries,
+             progress=print_progress, echo=print)
+
+
+# ---------------------------------------------------------------------------- entry point
+def _user_errors() -> tuple[type, ...]:
+    from .engine import QueryError, RunMismatch
+    from .models import ModelError
+    from .pools import PoolError
+    from .recovery import RecoveryError
+    return (ConfigError, PoolError, ModelError, QueryError, RunMismatch, RecoveryError,
+            FileNotFoundError, NotADirectoryError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"train-model": _train_model, "fit": _fit, "attribute": _attribute,
+               "demo": _demo}[args.command]
+    try:
+        command(args)
+    except Cancelled as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: the fit's last checkpoint is kept; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user errors become one line, the rest a traceback
+        if isinstance(e, _user_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0

@@ -1,0 +1,164 @@
+"""Typed settings of a STRIDE fit and of the per-query sparse recovery.
+
+Every field has a default, a help text (shown by the CLI and the dashboard) and a range
+check in ``__post_init__`` whose message names the field, the allowed range and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+__all__ = ["FitConfig", "RecoveryConfig", "ConfigError", "help_of", "config_diff"]
+
+
+class ConfigError(ValueError):
+    """A setting out of its range, or a run reopened with different settings."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help text of field ``name`` of dataclass ``cls``."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}[name]
+
+
+def _check_range(obj: Any, name: str, lo: float | None = None, hi: float | None = None,
+                 integer: bool = False, lo_open: bool = False) -> None:
+    value = getattr(obj, name)
+    kind = "an integer" if integer else "a number"
+    lo_s = "-inf" if lo is None else repr(lo)
+    hi_s = "inf" if hi is None else repr(hi)
+    rng = f"{'(' if lo_open or lo is None else '['}{lo_s}, {hi_s}{']' if hi is not None else ')'}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        raise ConfigError(f"The '{name}' parameter of {type(obj).__name__} must be {kind} in the "
+                          f"range {rng}. Got {value!r} instead.")
+
+
+@dataclass
+class FitConfig:
+    """Settings of stages 1-2 (subset design and operator training). Changing any of them
+    means a new fit; reopening a run with different values is refused."""
+
+    subsets: int = _f(512, "K: number of random training subsets, one steering operator each.")
+    per_example: int = _f(8, "d: number of subsets every training example is put into.")
+    rank: int = _f(8, "r: width of the shared low-rank basis B that every operator reads.")
+    layer: Optional[int] = _f(None, "Steering layer: operators act on the residual stream after "
+                                    "this block (1-based). Default: round(0.6 x depth).")
+    mode: str = _f("logits", "'logits': operators add a low-rank shift to the output logits "
+                             "(fast, the default); 'residual': they add a low-rank shift to the "
+                             "residual stream at the steering layer.")
+    seed: int = _f(0, "Seed of the subset design, the initialisation and the batch order.")
+    epochs: float = _f(4.0, "Passes over the pool during operator training.")
+    batch_size: int = _f(32, "Training examples per optimisation step.")
+    lr: float = _f(1e-2, "AdamW learning rate of the operators and the basis.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    stability_weight: float = _f(1.0, "beta: weight of the stability loss (KL to the base model "
+                                      "on examples outside an operator's subset).")
+    linearity_weight: float = _f(0.1, "eta: weight of the linearity loss (responses of probe "
+                                      "queries should lie near the column space of the sketch of M).")
+    outside_per_example: int = _f(2, "Operators outside an example's subsets that are evaluated "
+                                     "on it per step for the stability loss.")
+    probe_queries: int = _f(4, "Probe examples per linearity step.")
+    linearity_every: int = _f(4, "Run the linearity loss every this many steps (0 = never).")
+    sketch_dim: int = _f(64, "q: columns of the Johnson-Lindenstrauss sketch M R.")
+    sketch_ridge: float = _f(1e-3, "gamma: ridge term of the sketch projection.")
+    max_length: int = _f(64, "Training examples are truncated to this many tokens.")
+    tokens_per_example: int = _f(24, "Logits mode: scored tokens of an example used per step, drawn "
+                                     "at random when it has more (an unbiased estimate of its loss).")
+    checkpoint_every: int = _f(50, "Write a resumable checkpoint every this many steps.")
+    device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.", fingerprint=False)
+
+    def __post_init__(self) -> None:
+        _check_range(self, "subsets", 2, 1_000_000, integer=True)
+        _check_range(self, "per_example", 1, None, integer=True)
+        if self.per_example > self.subsets:
+            raise ConfigError(f"The 'per_example' parameter of FitConfig must be at most "
+                              f"'subsets' ({self.subsets}). Got {self.per_example} instead.")
+        _check_range(self, "rank", 1, 4096, integer=True)
+        if self.layer is not None:
+            _check_range(self, "layer", 1, None, integer=True)
+        if self.mode not in ("logits", "residual"):
+            raise ConfigError(f"The 'mode' parameter of FitConfig must be 'logits' or 'residual'. "
+                              f"Got {self.mode!r} instead.")
+        _check_range(self, "seed", 0, 2**32 - 1, integer=True)
+        _check_range(self, "epochs", 0, 1000, lo_open=True)
+        _check_range(self, "batch_size", 1, 65536, integer=True)
+        _check_range(self, "lr", 0, 10, lo_open=True)
+        _check_range(self, "weight_decay", 0, 10)
+        _check_range(self, "stability_weight", 0, 1e6)
+        _check_range(self, "linearity_weight", 0, 1e6)
+        _check_range(self, "outside_per_example", 0, 1024, integer=True)
+        _check_range(self, "probe_queries", 1, 1024, integer=True)
+        _check_range(self, "linearity_every", 0, 1_000_000, integer=True)
+        _check_range(self, "sketch_dim", 1, 100_000, integer=True)
+        _check_range(self, "sketch_ridge", 0, 1e6, lo_open=True)
+        _check_range(self, "max_length", 2, 1_000_000, integer=True)
+        _check_range(self, "tokens_per_example", 1, 1_000_000, integer=True)
+        _check_range(self, "checkpoint_every", 1, 1_000_000, integer=True)
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"The 'device' parameter of FitConfig must be 'auto', 'cpu' or "
+                              f"'cuda'. Got {self.device!r} instead.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict:
+        """The fields that define the fit's result (the device does not)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata.get("fingerprint", True)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown FitConfig setting(s): {', '.join(unknown)}. "
+                              f"Known: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+
+@dataclass
+class RecoveryConfig:
+    """Settings of stage 4 (per-query Lasso). Cheap to change: no refit needed."""
+
+    path_length: int = _f(60, "Number of lambda values on the log grid from lambda_max down.")
+    eps: float = _f(1e-3, "Smallest lambda as a fraction of lambda_max.")
+    max_nonzero: Optional[int] = _f(None, "Stop the path once this many examples are non-zero "
+                                          "(default: K/2; beyond that the fit interpolates noise).")
+    cv_folds: int = _f(5, "Folds of operators held out to choose lambda.")
+    selection: str = _f("cv", "'cv': lambda with the lowest held-out error; 'cv-1se': largest "
+                              "lambda within one standard error of it (sparser); 'nonzeros': the "
+                              "first lambda with at least target_nonzeros non-zero examples.")
+    target_nonzeros: int = _f(20, "Non-zero examples wanted when selection = 'nonzeros'.")
+    seed: int = _f(0, "Seed of the cross-validation folds.")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "path_length", 2, 10_000, integer=True)
+        _check_range(self, "eps", 0, 1, lo_open=True)
+        if self.max_nonzero is not None:
+            _check_range(self, "max_nonzero", 1, None, integer=True)
+        _check_range(self, "cv_folds", 2, 100, integer=True)
+        if self.selection not in ("cv", "cv-1se", "nonzeros"):
+            raise ConfigError(f"The 'selection' parameter of RecoveryConfig must be 'cv', "
+                              f"'cv-1se' or 'nonzeros'. Got {self.selection!r} instead.")
+        _check_range(self, "target_nonzeros", 1, None, integer=True)
+        _check_range(self, "seed", 0, 2**32 - 1, integer=True)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Human-readable lines 'name: old -> new' for every differing key."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

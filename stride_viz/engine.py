@@ -1,0 +1,334 @@
+"""The STRIDE facade: one object per run directory, with methods named after the stages.
+
+    run = Stride.create_or_open("runs/demo", load_model("demo"), load_pool("fortunes+facts"), FitConfig())
+    run.fit()                                   # stages 1-2, once per model + pool + config
+    [a] = run.attribute([Query("q", "The capital of Vorlandia is", " Quessit.")])   # stages 3-4
+    a.top(10)                                   # proponents: w_i > 0 lowers the query's loss
+
+Everything is written to the run directory (see :mod:`stride_viz.storage`) as it is computed,
+so a killed fit resumes and every attribution can be reread without a model.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, FitConfig, RecoveryConfig
+from .measurement import QueryResponses, generate, measure
+from .models import LoadedModel, load_model
+from .operators import FrozenLM, SteeringOperators
+from .pools import Pool, Query
+from .progress import StageTimer, no_progress
+from .recovery import Recoverer, Recovery, load_recovery, save_recovery
+from .storage import RunMismatch, RunStore, read_json, write_json
+from .subsets import design_subsets
+from .tokenize import encode
+from .training import Trainer, build_cache
+
+__all__ = ["Stride", "Attribution", "read_attribution", "RunMismatch", "QueryError"]
+
+_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "scipy", "scikit-learn", "stride_viz")
+GENERATED_TOKENS = 24          # bound of a generated query completion
+CONTINUATION_TOKENS = 32       # length of base/steered continuations shown in the app
+CONTINUATION_OPERATORS = 3     # most and least responsive operators continued by the job
+
+
+class QueryError(ValueError):
+    """A query that cannot be explained (too long, empty completion); the message says why."""
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "source"
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Attribution:
+    """One query explained: what was measured (responses) and recovered (scores).
+
+    scores: float32 (n,), nats of mean per-token completion loss; > 0 means training example i
+    helps (lowers the loss: a proponent), < 0 means it hurts (an opponent).
+    responses: float32 (K,), Loss_base - Loss_k in nats.
+    """
+
+    query: Query
+    responses: np.ndarray
+    recovery: Recovery
+    info: dict
+    folder: Path
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.recovery.scores
+
+    def order(self, sign: int = 1) -> np.ndarray:
+        """All pool indices from the strongest proponent (sign=1) or opponent (sign=-1) down;
+        examples the Lasso left at 0 are ordered by their back-projection."""
+        key = sign * self.recovery.scores.astype(np.float64)
+        tie = sign * self.recovery.backprojection.astype(np.float64)
+        return np.lexsort((-tie, -key))
+
+    def top(self, n: int = 10, sign: int = 1) -> np.ndarray:
+        """Pool indices of the ``n`` strongest proponents (sign=1) or opponents (sign=-1)."""
+        return self.order(sign)[:n]
+
+    def ranking(self) -> np.ndarray:
+        """float64 (n,): higher = more helpful, consistent with :meth:`order` (for rank metrics)."""
+        rank = np.empty(self.scores.shape[0])
+        rank[self.order(1)] = -np.arange(self.scores.shape[0], dtype=np.float64)
+        return rank
+
+
+class Stride:
+    """A STRIDE run: a model, a pool, a FitConfig and a run directory."""
+
+    def __init__(self, store: RunStore, model: LoadedModel, pool: Pool, config: FitConfig) -> None:
+        self.store, self.model, self.pool, self.config = store, model, pool, config
+        self.lm = FrozenLM(model.model, config.layer)
+        self._operators: Optional[SteeringOperators] = None
+        self._recoverer: Optional[Recoverer] = None
+        self._recoverer_config: Optional[RecoveryConfig] = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create_or_open(cls, run_dir: str | Path, model: LoadedModel, pool: Pool,
+                       config: FitConfig) -> "Stride":
+        """Open ``run_dir`` if it was made with the same model, pool and config (refused with
+        the list of differences otherwise), or create it: design the subsets and write the
+        metadata."""
+        if len(pool) == 0:
+            raise ConfigError("The training pool is empty: give a pool with at least one example.")
+        need = -(-config.subsets // config.per_example)
+        if len(pool) < need:
+            raise ConfigError(
+                f"The pool has {len(pool)} examples, fewer than the {need} that {config.subsets} "
+                f"subsets with {config.per_example} subsets per example need. Lower --subsets "
+                f"(at most {len(pool) * config.per_example}) or use a larger pool.")
+        store = RunStore(run_dir)
+        self = cls(store, model, pool, config)
+        meta = self._meta()
+        if store.exists():
+            store.check_meta(meta)
+        else:
+            store.root.mkdir(parents=True, exist_ok=True)
+            store.write_pool(pool)
+            store.write_membership(design_subsets(len(pool), config.subsets, config.per_example,
+                                                  config.seed))
+            store.write_meta(meta)
+        self.membership = store.read_membership()
+        return self
+
+    @classmethod
+    def open(cls, run_dir: str | Path, device: str = "auto",
+             trust_remote_code: bool = False) -> "Stride":
+        """Reopen a run from its directory alone (loads the model named in run.json)."""
+        store = RunStore(run_dir)
+        meta = store.read_meta()
+        config = FitConfig.from_dict({**meta["config"], "device": device})
+        model = load_model(meta["model"]["spec"], device=device, trust_remote_code=trust_remote_code)
+        if model.hash != meta["model"]["hash"]:
+            raise RunMismatch(f"The model {meta['model']['spec']} has changed since the run "
+                              f"{store.root} was fitted (weights hash {model.hash}, run has "
+                              f"{meta['model']['hash']}). Fit a new run for the new weights.")
+        self = cls(store, model, store.read_pool(), config)
+        self.membership = store.read_membership()
+        return self
+
+    def _meta(self) -> dict:
+        cut = self.lm.cut
+        return {
+            "config": self.config.fingerprint(),
+            "model": {"spec": self.model.spec, "hash": self.model.hash},
+            "pool": {"spec": self.pool.name, "hash": self.pool.hash, "n": len(self.pool)},
+            "packages": _versions(), "created": _now(),
+            "layer": cut.layer, "n_layers": cut.n_layers, "d_model": cut.d_model, "vocab": cut.vocab,
+        }
+
+    @property
+    def max_tokens(self) -> int:
+        cfg = self.model.model.config
+        return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024)
+
+    # ------------------------------------------------------------------ stages 1-2
+    def fit(self, progress: Callable[..., None] = no_progress,
+            should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Train the operators (resuming from a checkpoint when there is one); a no-op when the
+        run is already fitted."""
+        if self.store.is_fitted():
+            progress("fit", 1.0, 0.0, "operators already fitted: reused")
+            return
+        t0 = time.monotonic()
+        torch.manual_seed(self.config.seed)
+        max_len = min(self.config.max_length, self.max_tokens)
+        enc = encode(self.model.tokenizer, self.pool.prompts, self.pool.completions, max_len)
+        if int(enc.loss_mask.sum()) == 0:
+            raise ConfigError("No training example has a token to learn from (all completions are "
+                              "empty or cut off): check the pool's completion column and --max-length.")
+        cache = build_cache(self.lm, enc, self.config.mode, progress=progress)
+        trainer = Trainer(self.lm, cache, self.membership, self.config)
+        trainer.train(self.store.fit_dir, progress=progress, should_stop=should_stop)
+        tmp = self.store.operators_path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.operators.state_dict().items()},
+                  str(tmp))
+        tmp.replace(self.store.operators_path)
+        state = read_json(self.store.fit_dir / "state.json")
+        state.update(seconds=time.monotonic() - t0, finished=_now(),
+                     truncated_examples=int(enc.truncated.sum()))
+        write_json(self.store.fit_dir / "state.json", state)
+        self._operators = trainer.operators.eval()
+
+    @property
+    def operators(self) -> SteeringOperators:
+        if self._operators is None:
+            if not self.store.is_fitted():
+                raise RuntimeError(f"The run {self.store.root} has no fitted operators yet: run "
+                                   "fit() (CLI: python -m stride_viz fit) first.")
+            tensors = load_file(str(self.store.operators_path), device=str(self.lm.device))
+            K, r, out = tensors["A"].shape
+            ops = SteeringOperators(K, tensors["basis"].shape[1], r, out, torch.Generator())
+            ops.load_state_dict(tensors)
+            self._operators = ops.to(self.lm.device).eval()
+        return self._operators
+
+    # ------------------------------------------------------------------ stages 3-4
+    def recoverer(self, config: RecoveryConfig) -> Recoverer:
+        if self._recoverer is None or self._recoverer_config != config:
+            self._recoverer = Recoverer(self.membership, config)
+            self._recoverer_config = config
+        return self._recoverer
+
+    def _complete(self, query: Query) -> tuple[Query, bool]:
+        if query.completion:
+            return query, False
+        text = generate(self.lm, self.model.tokenizer, query.prompt, GENERATED_TOKENS,
+                        max_length=self.max_tokens)[0]
+        if not text.strip():
+            raise QueryError(f"The model produced no completion for query {query.id!r}; give a "
+                             "completion to explain.")
+        return Query(query.id, query.prompt, text), True
+
+    def _encode_query(self, query: Query):
+        enc = encode(self.model.tokenizer, [query.prompt], [query.completion or ""], 10**9)
+        n_tokens = int(enc.attention_mask.sum())
+        if n_tokens > self.max_tokens:
+            raise QueryError(f"Query {query.id!r} is {n_tokens} tokens long; this model reads at "
+                             f"most {self.max_tokens}. Shorten the prompt or the completion.")
+        if int(enc.loss_mask.sum()) == 0:
+            raise QueryError(f"Query {query.id!r} has no completion token to explain: give a "
+                             "non-empty completion (or none, to let the model complete it).")
+        return enc
+
+    def measure(self, query: Query) -> QueryResponses:
+        """Stage 3 alone: the K responses of a query with a completion."""
+        return measure(self.lm, self.operators, self.config.mode, self._encode_query(query))[0]
+
+    def attribute(self, queries: Sequence[Query], recovery: RecoveryConfig = RecoveryConfig(),
+                  progress: Callable[..., None] = no_progress,
+                  continuations: bool = True) -> list["Attribution"]:
+        """Explain each query: generate a missing completion, measure the K responses, recover
+        the scores, and write everything under ``attributions/<query id>/``."""
+        ops = self.operators
+        ids = [q.id for q in queries]
+        if len(set(ids)) != len(ids):
+            raise QueryError("Query ids must be unique within one call; got duplicates: "
+                             f"{sorted({i for i in ids if ids.count(i) > 1})}.")
+        # validate every query before spending time on any of them
+        for q in queries:
+            if q.completion:
+                self._encode_query(q)
+            elif not q.prompt:
+                raise QueryError(f"Query {q.id!r} has neither a prompt nor a completion.")
+        timer = StageTimer("attribute", len(queries), progress, min_interval=0.0)
+        results = []
+        for done, q in enumerate(queries):
+            t0 = time.monotonic()
+            q, generated = self._complete(q)
+            measured = measure(self.lm, ops, self.config.mode, self._encode_query(q))[0]
+            t1 = time.monotonic()
+            rec = self.recoverer(recovery).recover(measured.responses)
+            t2 = time.monotonic()
+            results.append(self._write(q, generated, measured, rec, recovery, t1 - t0, t2 - t1,
+                                       continuations))
+            timer.update(done + 1, f"explained {q.id}")
+        return results
+
+    def _write(self, q: Query, generated: bool, measured: QueryResponses, rec: Recovery,
+               recovery: RecoveryConfig, s_resp: float, s_rec: float, continuations: bool) -> "Attribution":
+        folder = self.store.attribution_dir(q.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tok = self.model.tokenizer
+        info = {"id": q.id, "prompt": q.prompt, "completion": q.completion,
+                "completion_generated": generated,
+                "tokens": [tok.decode([int(t)]) for t in measured.token_ids],
+                "token_loss": [float(x) for x in measured.token_loss],
+                "loss_base": measured.loss_base}
+        write_json(folder / "query.json", info)
+        self.store.save_array(q.id, "responses.npy", measured.responses.astype(np.float32))
+        save_recovery(rec, folder)
+        if continuations:
+            self._write_continuations(q, measured.responses)
+        write_json(folder / "meta.json", {"seconds_responses": s_resp, "seconds_recovery": s_rec,
+                                          "recovery_config": recovery.to_dict(), "created": _now()})
+        return Attribution(q, measured.responses, rec, info, folder)
+
+    def _write_continuations(self, q: Query, responses: np.ndarray) -> None:
+        order = np.argsort(-responses)
+        picks = list(dict.fromkeys(int(k) for k in list(order[:CONTINUATION_OPERATORS])
+                                   + list(order[::-1][:CONTINUATION_OPERATORS])))
+        texts = self._generate(q.prompt, [None] + picks)
+        data = {"prompt": q.prompt, "base": texts[0],
+                "operators": [{"k": k, "response": float(responses[k]), "text": t}
+                              for k, t in zip(picks, texts[1:])]}
+        write_json(self.store.attribution_dir(q.id) / "continuations.json", data)
+
+    def _generate(self, prompt: str, ks: list) -> list[str]:
+        return generate(self.lm, self.model.tokenizer, prompt, CONTINUATION_TOKENS,
+                        operators=self.operators, mode=self.config.mode, ks=ks,
+                        max_length=self.max_tokens)
+
+    def continuation(self, query_id: str, k: int) -> str:
+        """The continuation of a query's prompt steered by operator ``k``; added to the query's
+        continuations.json (the app's 'continue with this operator' job)."""
+        K = self.membership.shape[0]
+        if not 0 <= k < K:
+            raise ConfigError(f"The operator index must be in [0, {K - 1}]. Got {k} instead.")
+        folder = self.store.attribution_dir(query_id)
+        if not (folder / "query.json").exists():
+            raise QueryError(f"The run has no attribution for query {query_id!r}.")
+        info = read_json(folder / "query.json")
+        responses = np.load(folder / "responses.npy")
+        text = self._generate(info["prompt"], [k])[0]
+        path = folder / "continuations.json"
+        data = read_json(path) if path.exists() else {"prompt": info["prompt"], "operators": []}
+        data["operators"] = [o for o in data["operators"] if o["k"] != k]
+        data["operators"].append({"k": k, "response": float(responses[k]), "text": text})
+        write_json(path, data)
+        return text
+
+
+def read_attribution(run_dir: str | Path, query_id: str) -> Attribution:
+    """Reread a finished attribution from disk (numpy only, no model)."""
+    folder = RunStore(run_dir).attribution_dir(query_id)
+    if not (folder / "meta.json").exists():
+        raise FileNotFoundError(f"No finished attribution for query {query_id!r} in {run_dir}.")
+    info = read_json(folder / "query.json")
+    query = Query(info["id"], info["prompt"], info["completion"])
+    return Attribution(query, np.load(folder / "responses.npy"), load_recovery(folder), info, folder)

@@ -1,0 +1,118 @@
+"""Figure builders of the Evaluate page and the benchmark plots: arrays in, Plotly figure out.
+
+Pure functions (no files, no Streamlit), testable without a browser.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+__all__ = ["lds_distribution", "methods_frame", "prediction_scatter", "scaling_figure",
+           "method_color"]
+
+_PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
+            "#B6E880", "#FF97FF", "#FECB52")
+LDS_AXIS = "LDS per query (Spearman ρ; higher is better, 0 = no information)"
+
+
+def method_color(name: str, names: Sequence[str]) -> str:
+    """STRIDE is always the same colour; the others follow their order."""
+    if name.startswith("stride"):
+        return "#2CA02C"
+    others = [n for n in names if not n.startswith("stride")]
+    return _PALETTE[others.index(name) % len(_PALETTE)] if name in others else "#888888"
+
+
+def lds_distribution(per_query: Mapping[str, Sequence[float]], kind: str = "box") -> go.Figure:
+    """One box (or violin) of per-query LDS per method, ordered by mean LDS (best on top).
+
+    per_query: method -> LDS values (one per query)."""
+    if kind not in ("box", "violin"):
+        raise ValueError(f"The 'kind' parameter must be 'box' or 'violin'. Got {kind!r} instead.")
+    names = sorted(per_query, key=lambda m: float(np.mean(per_query[m])) if len(per_query[m]) else -9)
+    fig = go.Figure()
+    for m in names:
+        vals = np.asarray(per_query[m], dtype=float)
+        label = f"{m} (mean {vals.mean():+.3f})" if vals.size else m
+        common = dict(x=vals, name=label, orientation="h", marker_color=method_color(m, names),
+                      hovertemplate="LDS %{x:.3f}<extra>" + m + "</extra>")
+        if kind == "box":
+            fig.add_trace(go.Box(boxmean=True, boxpoints="all", jitter=0.4, pointpos=0,
+                                 marker=dict(size=3, opacity=0.5), **common))
+        else:
+            fig.add_trace(go.Violin(meanline_visible=True, points="all", pointpos=0, jitter=0.4,
+                                    marker=dict(size=3, opacity=0.5), **common))
+    fig.add_vline(x=0, line_dash="dot", line_color="gray")
+    fig.update_layout(xaxis_title=LDS_AXIS, showlegend=False, height=max(300, 60 * len(names) + 120),
+                      margin=dict(l=10, r=10, t=30, b=40))
+    return fig
+
+
+def methods_frame(methods: Mapping[str, dict]) -> pd.DataFrame:
+    """The methods table: one row per method of an lds.json report, best LDS first."""
+    rows = []
+    for m, r in methods.items():
+        if r.get("status", "ok") != "ok":
+            rows.append({"method": m, "LDS mean": np.nan, "LDS std": np.nan, "recall@10": np.nan,
+                         "MRR": np.nan, "one-off (s)": np.nan, "per query (s)": np.nan,
+                         "peak RSS (MiB)": np.nan, "note": f"failed: {r.get('error', '')}"[:200]})
+            continue
+        rows.append({"method": m, "LDS mean": r["lds_mean"], "LDS std": r["lds_std"],
+                     "recall@10": r.get("recall_at_10"), "MRR": r.get("mrr"),
+                     "one-off (s)": r.get("seconds_fit"), "per query (s)": r.get("seconds_per_query"),
+                     "peak RSS (MiB)": r.get("peak_rss_mb"), "note": ""})
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values("LDS mean", ascending=False, na_position="last").reset_index(drop=True)
+    return df
+
+
+def prediction_scatter(predicted: np.ndarray, losses: np.ndarray, *, method: str = "",
+                       query: str = "", rho: Optional[float] = None) -> go.Figure:
+    """Per retrained subset j: x = Σ_{i∈S'_j} w_i(x) (the method's prediction), y = the query's
+    loss under the model retrained on S'_j (nats). A good attribution slopes downwards (LDS
+    correlates the prediction with minus the loss).
+
+    predicted, losses: (M',)."""
+    predicted = np.asarray(predicted, dtype=float)
+    losses = np.asarray(losses, dtype=float)
+    if predicted.shape != losses.shape:
+        raise ValueError(f"predicted and losses must have the same shape; got {predicted.shape} "
+                         f"and {losses.shape}.")
+    fig = go.Figure(go.Scatter(
+        x=predicted, y=losses, mode="markers", marker=dict(size=7, opacity=0.75),
+        customdata=np.arange(len(losses)),
+        hovertemplate="subset %{customdata}<br>Σ scores %{x:.4g}<br>loss %{y:.4f} nats<extra></extra>"))
+    title = f"{method}: {query}" if query else method
+    if rho is not None:
+        title += f" · LDS ρ = {rho:+.3f}"
+    fig.update_layout(title=title, xaxis_title="predicted effect Σ_{i∈S'_j} w_i (method's units; > 0 = helps)",
+                      yaxis_title="loss after retraining on S'_j (nats)", height=420,
+                      margin=dict(l=10, r=10, t=50, b=40))
+    return fig
+
+
+def scaling_figure(rows: Sequence[dict]) -> go.Figure:
+    """Time against model size. rows: {"method", "n_params", "seconds_fit", "seconds_per_query"};
+    solid lines: one-off time, dotted: per-query time (log-log)."""
+    names = sorted({r["method"] for r in rows})
+    fig = go.Figure()
+    for m in names:
+        rs = sorted((r for r in rows if r["method"] == m and r.get("status", "ok") == "ok"),
+                    key=lambda r: r["n_params"])
+        if not rs:
+            continue
+        x = [r["n_params"] for r in rs]
+        color = method_color(m, names)
+        fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_fit"], 1e-3) for r in rs], mode="lines+markers",
+                                 name=f"{m} one-off", line=dict(color=color)))
+        fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_per_query"], 1e-4) for r in rs],
+                                 mode="lines+markers", name=f"{m} per query",
+                                 line=dict(color=color, dash="dot")))
+    fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="model parameters",
+                      yaxis_title="wall time (s, 2 shared CPU cores)", height=480,
+                      margin=dict(l=10, r=10, t=30, b=40))
+    return fig

@@ -1,0 +1,318 @@
+"""How far to trust an attribution: the Linear Datamodeling Score and planted-fact retrieval.
+
+LDS (Park et al. 2023, as used by the STRIDE paper): models are retrained from scratch on M'
+random subsets ``S'_j`` of the pool and each query's loss ``l_j(x)`` is recorded (see
+``stride_viz.retrain``). An attribution ``w(x)`` predicts the effect of training on ``S'_j``
+as ``sum_{i in S'_j} w_i(x)``; since ``w_i > 0`` means "example i lowers the loss", the
+prediction should rank the subsets like ``-l_j(x)``. Per query, LDS is the Spearman rank
+correlation between the two over j; the benchmark reports its mean, standard deviation and
+the per-query values.
+
+Ground truth on disk (the format of the paper's release), in one directory:
+
+    metadata.json    {"version", "pool": {"spec","hash","n"}, "queries": [{"id","prompt",
+                     "completion"}...], "recipe": {...}, "seed", "fraction", "n_subsets",
+                     "loss": "<what test_loss measures>"}
+    pool.jsonl       (optional) the pool, one {"id","prompt","completion"} per line
+    *.jsonl          (any other name) one line per retrained subset: {"train_subset": [pool indices],
+                     "test_loss": [one float per query]} (+ "subset_index": j, ours, so that
+                     several processes can write parts and a killed job can resume)
+
+Planted facts: ``recall_at_k`` and ``mrr`` measure whether the documents that state a fact
+are ranked on top for the fact's query.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+__all__ = [
+    "LdsResult", "GroundTruth", "GroundTruthError", "lds", "subset_sums", "recall_at_k", "mrr",
+    "write_metadata", "read_metadata", "append_result", "read_ground_truth", "export_jsonl",
+    "done_subsets", "load_scores",
+]
+
+GT_VERSION = 1
+METADATA = "metadata.json"
+NOT_PARTS = {"pool.jsonl"}  # the pool a ground truth was built on may sit next to the parts
+
+
+class GroundTruthError(ValueError):
+    """A ground-truth directory that is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LdsResult:
+    """LDS of one method.
+
+    per_query: float64 (n_queries,), Spearman rho per query; a query whose prediction or
+    retrained losses are constant over the subsets has no rank order and counts as 0.
+    """
+
+    per_query: np.ndarray
+    mean: float
+    std: float
+
+    def to_dict(self) -> dict:
+        return {"lds_mean": self.mean, "lds_std": self.std,
+                "lds_per_query": [round(float(v), 6) for v in self.per_query]}
+
+
+@dataclass
+class GroundTruth:
+    """Retrained losses.
+
+    train_subsets: list of M' int arrays (pool indices of each retrained subset);
+    test_loss: float64 (M', n_queries), mean per-token completion loss in nats;
+    subset_index: int (M',), the j of each row; metadata: the metadata.json content.
+    """
+
+    train_subsets: list[np.ndarray]
+    test_loss: np.ndarray
+    subset_index: np.ndarray
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_pool(self) -> int:
+        return int(self.metadata["pool"]["n"])
+
+    def membership(self) -> np.ndarray:
+        """bool (M', n_pool): row j marks the examples of subset j."""
+        m = np.zeros((len(self.train_subsets), self.n_pool), dtype=bool)
+        for j, idx in enumerate(self.train_subsets):
+            m[j, idx] = True
+        return m
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+def _membership(subsets: np.ndarray | Sequence[Sequence[int]], n_pool: int) -> np.ndarray:
+    arr = subsets if isinstance(subsets, np.ndarray) else None
+    if arr is not None and arr.dtype == bool:
+        if arr.ndim != 2 or arr.shape[1] != n_pool:
+            raise ValueError(f"The 'subsets' membership matrix must have shape (M', {n_pool}). "
+                             f"Got {arr.shape} instead.")
+        return arr
+    m = np.zeros((len(subsets), n_pool), dtype=bool)
+    for j, idx in enumerate(subsets):
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n_pool):
+            raise ValueError(f"The 'subsets' parameter: subset {j} holds indices outside "
+                             f"[0, {n_pool}). Got min {idx.min()}, max {idx.max()}.")
+        m[j, idx] = True
+    return m
+
+
+def subset_sums(scores: np.ndarray, subsets: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """Predicted effect of each subset: ``sum_{i in S'_j} w_i(x)``.
+
+    scores: (n_queries, n_pool); subsets: bool (M', n_pool) or M' index lists.
+    Returns float64 (n_queries, M').
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"The 'scores' parameter must be a 2-D array (n_queries, n_pool). "
+                         f"Got shape {scores.shape} instead.")
+    m = _membership(subsets, scores.shape[1])
+    return scores @ m.T.astype(np.float64)
+
+
+def _rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rho of a[q] vs b[q] per row (average ranks for ties, like scipy.spearmanr);
+    rows with a constant side give 0."""
+    ra = rankdata(a, axis=1)
+    rb = rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    den = np.sqrt((ra ** 2).sum(axis=1) * (rb ** 2).sum(axis=1))
+    num = (ra * rb).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    return rho
+
+
+def lds(scores: np.ndarray, subsets: np.ndarray | Sequence[Sequence[int]],
+        test_loss: np.ndarray) -> LdsResult:
+    """Linear Datamodeling Score.
+
+    scores: (n_queries, n_pool), w_i(x) > 0 when example i lowers query x's loss;
+    subsets: bool (M', n_pool) or M' index lists; test_loss: (M', n_queries), the loss of each
+    query under the model retrained on subset j. Returns per-query Spearman rho between the
+    subset sums of w(x) and -l_j(x), their mean and (population) standard deviation.
+    """
+    test_loss = np.asarray(test_loss, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if test_loss.ndim != 2 or test_loss.shape[1] != scores.shape[0]:
+        raise ValueError(f"The 'test_loss' parameter must have shape (M', n_queries={scores.shape[0]}). "
+                         f"Got {test_loss.shape} instead.")
+    pred = subset_sums(scores, subsets)
+    if pred.shape[1] != test_loss.shape[0]:
+        raise ValueError(f"'subsets' has {pred.shape[1]} subsets but 'test_loss' has "
+                         f"{test_loss.shape[0]} rows; they must match.")
+    if pred.shape[1] < 3:
+        raise ValueError(f"LDS needs at least 3 retrained subsets; got {pred.shape[1]}.")
+    rho = _rowwise_spearman(pred, -test_loss.T)
+    return LdsResult(per_query=rho, mean=float(rho.mean()), std=float(rho.std()))
+
+
+def _ranks_of_relevant(scores_row: np.ndarray, relevant: Iterable[int]) -> np.ndarray:
+    """1-based rank (descending score, ties broken pessimistically) of each relevant index."""
+    rel = np.fromiter(relevant, dtype=np.int64)
+    s = np.asarray(scores_row, dtype=np.float64)
+    # rank = 1 + number of examples scoring at least as high, other than itself
+    return np.array([1 + int(np.sum(s >= s[r])) - 1 for r in rel], dtype=np.int64)
+
+
+def recall_at_k(scores: np.ndarray, relevant: Sequence[Iterable[int]], k: int = 10) -> float:
+    """Mean over queries of |top-k ∩ relevant| / |relevant|.
+
+    scores: (n_queries, n_pool) with higher = more helpful; relevant: per query the pool
+    indices that truly support it (e.g. the sources of a planted fact). Ties are counted
+    against the method, so constant scores get no credit.
+    """
+    if k < 1:
+        raise ValueError(f"The 'k' parameter must be an integer >= 1. Got {k!r} instead.")
+    vals = []
+    for row, rel in zip(np.asarray(scores), relevant):
+        rel = list(rel)
+        if not rel:
+            continue
+        vals.append(float(np.mean(_ranks_of_relevant(row, rel) <= k)))
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def mrr(scores: np.ndarray, relevant: Sequence[Iterable[int]]) -> float:
+    """Mean reciprocal rank of the best-ranked relevant example per query (ties pessimistic)."""
+    vals = []
+    for row, rel in zip(np.asarray(scores), relevant):
+        rel = list(rel)
+        if not rel:
+            continue
+        vals.append(1.0 / float(_ranks_of_relevant(row, rel).min()))
+    return float(np.mean(vals)) if vals else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# ground-truth files
+
+def write_metadata(gt_dir: str | Path, metadata: dict) -> None:
+    """Create ``gt_dir/metadata.json``; if it exists, refuse different content (naming the
+    keys that differ) so that parts of one ground truth never mix two settings."""
+    gt_dir = Path(gt_dir)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"version": GT_VERSION, **metadata}
+    for key in ("pool", "queries", "recipe", "seed"):
+        if key not in meta:
+            raise GroundTruthError(f"Ground-truth metadata must name '{key}'. Got keys "
+                                   f"{sorted(meta)} instead.")
+    path = gt_dir / METADATA
+    if path.exists():
+        old = json.loads(path.read_text())
+        # JSON round trip so tuples and lists compare equal
+        new = json.loads(json.dumps(meta))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise GroundTruthError(
+                f"{path} exists with different settings ({', '.join(diff)}). Use another "
+                f"directory, or delete it to start over.")
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+
+
+def read_metadata(gt_dir: str | Path) -> dict:
+    path = Path(gt_dir) / METADATA
+    if not path.exists():
+        raise GroundTruthError(f"No {METADATA} in {gt_dir}: not a ground-truth directory "
+                               f"(build one with `python -m stride_viz.retrain`).")
+    return json.loads(path.read_text())
+
+
+def append_result(part_file: str | Path, subset_index: int, train_subset: Sequence[int],
+                  test_loss: Sequence[float]) -> None:
+    """Append one retrained subset to a part file (one JSON line, flushed at once)."""
+    line = json.dumps({"subset_index": int(subset_index),
+                       "train_subset": [int(i) for i in train_subset],
+                       "test_loss": [float(v) for v in test_loss]})
+    with open(part_file, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+
+
+def _iter_rows(gt_dir: Path):
+    for part in sorted(gt_dir.glob("*.jsonl")):
+        if part.name in NOT_PARTS:
+            continue
+        lines = part.read_text().splitlines()
+        for ln, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if ln == len(lines) - 1:
+                    continue  # a process killed mid-write: the subset is simply not done
+                raise GroundTruthError(f"{part}: line {ln + 1} is not valid JSON.")
+            if "train_subset" not in row or "test_loss" not in row:
+                raise GroundTruthError(f"{part}: line {ln + 1} lacks 'train_subset' or "
+                                       f"'test_loss'.")
+            yield part, ln, row
+
+
+def done_subsets(gt_dir: str | Path) -> set[int]:
+    """The subset indices j already recorded in any part file."""
+    gt_dir = Path(gt_dir)
+    if not gt_dir.exists():
+        return set()
+    return {int(r["subset_index"]) for _, _, r in _iter_rows(gt_dir) if "subset_index" in r}
+
+
+def read_ground_truth(gt_dir: str | Path) -> GroundTruth:
+    """Read every ``*.jsonl`` part of a ground-truth directory (the paper's files, which
+    have no subset_index, are numbered in file order); duplicates of a j keep the first."""
+    gt_dir = Path(gt_dir)
+    meta = read_metadata(gt_dir)
+    n_q = len(meta["queries"])
+    n_pool = int(meta["pool"]["n"])
+    rows: dict[int, dict] = {}
+    auto = 0
+    for part, ln, row in _iter_rows(gt_dir):
+        j = int(row.get("subset_index", auto))
+        auto += 1
+        if len(row["test_loss"]) != n_q:
+            raise GroundTruthError(f"{part}: line {ln + 1} has {len(row['test_loss'])} losses "
+                                   f"but the metadata lists {n_q} queries.")
+        idx = np.asarray(row["train_subset"], dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n_pool):
+            raise GroundTruthError(f"{part}: line {ln + 1} has pool indices outside [0, {n_pool}).")
+        rows.setdefault(j, {"idx": idx, "loss": row["test_loss"]})
+    if not rows:
+        raise GroundTruthError(f"{gt_dir} holds no retrained subset yet (no *.jsonl lines).")
+    order = sorted(rows)
+    return GroundTruth(train_subsets=[rows[j]["idx"] for j in order],
+                       test_loss=np.asarray([rows[j]["loss"] for j in order], dtype=np.float64),
+                       subset_index=np.asarray(order, dtype=np.int64), metadata=meta)
+
+
+def export_jsonl(gt: GroundTruth, path: str | Path) -> None:
+    """Write the paper's single-file form: one ``{"train_subset","test_loss"}`` line per subset."""
+    with open(path, "w") as f:
+        for idx, loss in zip(gt.train_subsets, gt.test_loss):
+            f.write(json.dumps({"train_subset": [int(i) for i in idx],
+                                "test_loss": [float(v) for v in loss]}) + "\n")
+
+
+def load_scores(path: str | Path, n_queries: Optional[int] = None) -> np.ndarray:
+    """Read a method's saved scores (.npy float32 (n_queries, n_pool))."""
+    s = np.load(path)
+    if s.ndim != 2 or (n_queries is not None and s.shape[0] != n_queries):
+        raise GroundTruthError(f"{path}: scores must have shape (n_queries, n_pool); got {s.shape}.")
+    return s

@@ -1,0 +1,143 @@
+"""Stage 3: measurement. The K operator responses of a query, and steered generation.
+
+``y_k = Loss_base(x) - Loss_k(x)``: positive when operator k lowers the loss of the query's
+completion (nats of mean per-token loss). All K responses come from one batched pass of the
+blocks above the steering layer (residual mode) or of the LM head (logits mode); nothing is
+retrained and no gradient is taken.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .operators import FrozenLM, SteeringOperators
+from .tokenize import Encoded, encode
+
+__all__ = ["QueryResponses", "measure", "steered_logits", "generate"]
+
+
+@dataclass
+class QueryResponses:
+    """Base loss (nats), per-token base losses of the completion, and the K responses."""
+
+    loss_base: float
+    token_loss: np.ndarray     # float32 (m,): base loss of each scored (completion) token
+    token_ids: np.ndarray      # int64 (m,): the scored tokens
+    responses: np.ndarray      # float32 (K,): Loss_base - Loss_k
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(..., m, V), (m,) -> (..., m) next-token cross-entropy."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -logp.gather(-1, targets.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def measure(lm: FrozenLM, operators: SteeringOperators, mode: str, enc: Encoded,
+            chunk: int = 64) -> list[QueryResponses]:
+    """Responses of every encoded query (rows of ``enc``) to all K operators."""
+    results = []
+    K = operators.n_operators
+    for q in range(len(enc)):
+        L = int(enc.attention_mask[q].sum())
+        ids = enc.input_ids[q:q + 1, :L].to(lm.device)
+        att = enc.attention_mask[q:q + 1, :L].to(lm.device)
+        where = torch.nonzero(enc.loss_mask[q, :L] > 0).squeeze(1).to(lm.device)
+        if where.numel() == 0:
+            raise ValueError("The query has no completion token to explain (empty completion, or "
+                             "the prompt fills the whole context): shorten the prompt or give a "
+                             "completion.")
+        targets = ids[0, where + 1]
+        lower, final = lm.hidden(ids, att)
+        base_tok = _nll(lm.logits(final[0, where]), targets)
+        steered = torch.empty(K, device=lm.device)
+        for start in range(0, K, chunk):
+            ops = torch.arange(start, min(K, start + chunk), device=lm.device)
+            if mode == "logits":
+                h = final[0, where]                                         # (m, D)
+                logits = lm.logits(h).unsqueeze(0) + operators.shift_all(h, ops)  # (c, m, V)
+            else:
+                h = lower + operators.shift_all(lower[0], ops)               # (c, L, D)
+                c = ops.numel()
+                out = lm.upper_hidden(h, ids.expand(c, -1), att.expand(c, -1))
+                logits = lm.logits(out[:, where])
+            steered[ops] = _nll(logits, targets).mean(-1)
+        loss_base = base_tok.mean()
+        results.append(QueryResponses(
+            loss_base=float(loss_base), token_loss=base_tok.float().cpu().numpy(),
+            token_ids=targets.cpu().numpy(),
+            responses=(loss_base - steered).float().cpu().numpy()))
+    return results
+
+
+def _row_shift(operators: SteeringOperators, h: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """Shift of operator ``ops[b]`` on row b of h (B, T, D); rows with ops < 0 get exactly 0."""
+    shift = operators.shift(h, ops.clamp_min(0))
+    return shift * (ops >= 0).view(-1, *([1] * (shift.dim() - 1))).to(shift.dtype)
+
+
+@contextlib.contextmanager
+def _residual_hook(lm: FrozenLM, operators: SteeringOperators, ops: torch.Tensor) -> Iterator[None]:
+    """Add operator ``ops[b]``'s shift to row b of the steering block's output."""
+
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h + _row_shift(operators, h, ops).to(h.dtype)
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    handle = lm.blocks[lm.cut.layer - 1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def steered_logits(lm: FrozenLM, operators: Optional[SteeringOperators], mode: str,
+                   ids: torch.Tensor, att: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """Full forward with row b steered by operator ``ops[b]`` (-1: the base model): (B, T, V)."""
+    steer = operators is not None and bool((ops >= 0).any())
+    if steer and mode == "residual":
+        with _residual_hook(lm, operators, ops):
+            final = lm.base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+        return lm.logits(final)
+    final = lm.base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+    logits = lm.logits(final)
+    return logits + _row_shift(operators, final, ops) if steer else logits
+
+
+@torch.no_grad()
+def generate(lm: FrozenLM, tokenizer, prompt: str, max_new_tokens: int = 32,
+             operators: Optional[SteeringOperators] = None, mode: str = "logits",
+             ks: Sequence[Optional[int]] = (None,), max_length: int = 1024) -> list[str]:
+    """Greedy continuations of ``prompt``, one per entry of ``ks``: the base model (None) or
+    the model steered by operator k, all in one batch; each stops at the end-of-text token.
+    Returns the new text only."""
+    enc = encode(tokenizer, [prompt], [""], max_length=max_length)
+    L = int(enc.attention_mask[0].sum())
+    B = len(ks)
+    ids = enc.input_ids[:, :L].to(lm.device).expand(B, -1).clone()
+    ops = torch.tensor([-1 if k is None else int(k) for k in ks], device=lm.device)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    n_pos = getattr(lm.model.config, "n_positions", None) or getattr(
+        lm.model.config, "max_position_embeddings", None) or 1024
+    new = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        if ids.shape[1] >= n_pos or bool(done.all()):
+            break
+        logits = steered_logits(lm, operators, mode, ids, torch.ones_like(ids), ops)
+        nxt = logits[:, -1].argmax(-1)
+        for b in range(B):
+            if done[b]:
+                continue
+            if eos is not None and int(nxt[b]) == eos:
+                done[b] = True
+            else:
+                new[b].append(int(nxt[b]))
+        ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in new]

@@ -1,0 +1,73 @@
+"""A tiny finished demo run made through the real job runner, shared by the dashboard tests.
+
+``tiny_demo_home(tmp_path_factory)`` returns a data directory (for STRIDE_VIZ_HOME) holding a
+finished ``demo`` job: a 1-layer, width-32 GPT-2 whose tokenizer and weights are trained in
+the test on the first 80 documents of ``fortunes+facts``, operators fitted with K = 16, and two
+planted-fact queries explained. It is built once per test session (about half a minute on
+two busy cores) and reused by every module that asks for it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+TINY_DEMO = {
+    "pool_limit": 80,
+    "n_fact_queries": 2,
+    "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300, "steps": 20, "max_length": 48},
+    "fit": {"subsets": 16, "per_example": 2, "rank": 4, "epochs": 1, "batch_size": 16, "max_length": 48},
+}
+# the same settings as STRIDE_VIZ_DEMO_* environment variables (the browser test uses them)
+TINY_DEMO_ENV = {
+    "STRIDE_VIZ_DEMO_POOL_LIMIT": str(TINY_DEMO["pool_limit"]),
+    "STRIDE_VIZ_DEMO_QUERIES": str(TINY_DEMO["n_fact_queries"]),
+    "STRIDE_VIZ_DEMO_MODEL": json.dumps(TINY_DEMO["model"]),
+    "STRIDE_VIZ_DEMO_FIT": json.dumps(TINY_DEMO["fit"]),
+    # tiny models on a shared CPU: one thread per worker avoids oversubscription (5x faster)
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def wait_job(store, job_id: int, timeout: float = 240.0, until=lambda j: not j.active):
+    """Poll the job row until ``until(job)`` holds; fail with the job's log on timeout."""
+    t0 = time.monotonic()
+    while True:
+        store.reap()
+        job = store.get(job_id)
+        if until(job):
+            return job
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"job {job_id} still {job.state} after {timeout} s; log:\n{job.log}")
+        time.sleep(0.2)
+
+
+def tiny_demo_home(tmp_path_factory) -> Path:
+    """The data directory with the finished tiny demo run (built on first use)."""
+    home = tmp_path_factory.getbasetemp() / "dashboard_home"
+    marker = home / "tiny_demo_job.json"
+    if marker.exists():
+        return home
+    home.mkdir(parents=True, exist_ok=True)
+    old = {k: os.environ.get(k) for k in ("STRIDE_VIZ_HOME", "OMP_NUM_THREADS")}
+    os.environ["STRIDE_VIZ_HOME"] = str(home)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        from stride_viz.jobs import JobStore, LocalProcessExecutor
+        ex = LocalProcessExecutor(JobStore(home / "jobs.sqlite"))
+        job = wait_job(ex.store, ex.submit("demo", TINY_DEMO))
+        assert job.state == "done", f"tiny demo failed: {job.error}\n{job.traceback}"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    marker.write_text(json.dumps({"job_id": job.id, "run_dir": job.run_dir, "result": job.result}))
+    return home
+
+
+def tiny_demo_info(home: Path) -> dict:
+    """{"job_id", "run_dir", "result"} of the tiny demo job."""
+    return json.loads((home / "tiny_demo_job.json").read_text())

@@ -1,0 +1,179 @@
+"""The real thing: `streamlit run app.py` on 127.0.0.1, driven by headless Chromium through
+Selenium. Launch the demo from the Launch page, wait for it, open Explore through the link the
+finished job shows, and check that the three charts are drawn with data. A screenshot is saved
+in tmp_path and copied to /tmp/stride_screenshot.png.
+
+Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: apt-get install chromium
+chromium-driver; .ci/run installs them). The test fails rather than skips without them, unless
+STRIDE_VIZ_SKIP_BROWSER=1 is set. The demo is shrunk with the STRIDE_VIZ_DEMO_* variables of
+dashboard_run.TINY_DEMO_ENV so the whole test takes about a minute.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dashboard_run import TINY_DEMO_ENV, wait_job
+from stride_viz.jobs import JobStore, LocalProcessExecutor
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if os.environ.get("STRIDE_VIZ_SKIP_BROWSER") == "1":
+    pytest.skip("STRIDE_VIZ_SKIP_BROWSER=1", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition, timeout: float, what: str, poll: float = 0.5):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A Streamlit server on a free port with a fresh data directory; yields (url, home)."""
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        assert Path(exe).exists(), (f"{exe} is missing: apt-get install -y chromium chromium-driver "
+                                    f"(or set STRIDE_VIZ_SKIP_BROWSER=1 to skip this test)")
+    home = tmp_path / "home"
+    port = _free_port()
+    env = {**os.environ, "STRIDE_VIZ_HOME": str(home), **TINY_DEMO_ENV}
+    log = open(tmp_path / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
+         "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok"
+        except OSError:
+            return False
+
+    try:
+        _wait(healthy, 90, "the Streamlit server")
+        yield url, home
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+        if (home / "jobs.sqlite").exists():
+            ex = LocalProcessExecutor(JobStore(home / "jobs.sqlite"))
+            for job in ex.store.list():
+                if job.active:
+                    ex.cancel(job.id)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1400,5200"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _click(driver, selector: str, text: str) -> bool:
+    """Click the first element matching ``selector`` whose text contains ``text``; False when
+    there is none yet or it was redrawn under us (Streamlit reruns replace elements)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.webdriver.common.by import By
+    try:
+        for el in driver.find_elements(By.CSS_SELECTOR, selector):
+            if text in el.text:
+                el.click()
+                return True
+    except (StaleElementReferenceException, WebDriverException):
+        return False
+    return False
+
+
+def _plot_summary(driver) -> list[dict]:
+    """For every Plotly chart on the page: its number of traces and of drawn points/bars/bins."""
+    return driver.execute_script("""
+        return Array.from(document.querySelectorAll('.js-plotly-plot')).map(el => ({
+            traces: (el.data || []).length,
+            // calcdata: what plotly.js actually computed to draw (points, bars, bins) per trace
+            values: (el.calcdata || []).reduce((n, cd) => n + (cd ? cd.length : 0), 0),
+            title: (el.layout && el.layout.title && el.layout.title.text) || ''
+        }));""")
+
+
+def test_demo_from_launch_page_to_explore_charts(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, home = server
+    browser.get(f"{url}/Launch")
+    _wait(lambda: _click(browser, "button", "Launch the demo"), 90, "the Launch page's demo button")
+
+    store = _wait(lambda: (home / "jobs.sqlite").exists() and JobStore(home / "jobs.sqlite"), 30,
+                  "the job table")
+    job_id = _wait(lambda: [j.id for j in store.list() if j.kind == "demo"], 30, "the demo job")[0]
+    job = wait_job(store, job_id, timeout=300)
+    assert job.state == "done", f"{job.error}\n{job.log}"
+
+    # the page polls the job and, once it is done, offers the link to Explore
+    _wait(lambda: _click(browser, "a", "Open in Explore"), 60, "the 'Open in Explore' link")
+    def three_charts_with_data():
+        charts = _plot_summary(browser)
+        return charts if len(charts) == 3 and all(c["values"] > 0 for c in charts) else None
+
+    plots = _wait(three_charts_with_data, 90, "three Plotly charts with data on Explore")
+    time.sleep(1.0)  # let the last chart finish its transition before the picture
+    shot = tmp_path / "explore.png"
+    assert browser.save_screenshot(str(shot))
+    shutil.copy(shot, "/tmp/stride_screenshot.png")
+    titles = [p["title"] for p in plots]
+    assert "Top influential examples" in titles[0] and "Sparsity path" in titles[1]
+    assert "Operator responses (K = 16)" in titles[2]
+    assert all(p["traces"] >= 1 for p in plots)
+    assert "run=" in browser.current_url and "query=fact-" in browser.current_url
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
+
+    # a click on a bar selects that example everywhere: the URL and the responses chart follow
+    def click_first_bar():
+        from selenium.webdriver.common.action_chains import ActionChains
+        bars = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0].find_elements(
+            By.CSS_SELECTOR, "g.trace.bars g.point path")
+        if not bars:
+            return False
+        ActionChains(browser).move_to_element(bars[-1]).click().perform()
+        return True
+
+    _wait(click_first_bar, 30, "a bar to click")
+    _wait(lambda: "example=" in browser.current_url, 60, "the selected example in the URL")
+    _wait(lambda: browser.execute_script(
+        "const el = document.querySelectorAll('.js-plotly-plot')[2];"
+        "return el && el.data.some(t => (t.name || '').startsWith('subsets containing'));"), 60,
+        "the responses of the subsets holding the selected example")
+

@@ -1,0 +1,186 @@
+"""Stages 1-3 and the facade, on the tiny model and pool of conftest.py (known answers)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stride_viz.config import ConfigError, FitConfig, RecoveryConfig
+from stride_viz.demo import fact_metrics
+from stride_viz.engine import QueryError, RunMismatch, Stride, read_attribution
+from stride_viz.measurement import steered_logits
+from stride_viz.operators import FrozenLM, SteeringOperators
+from stride_viz.pools import Query, fact_queries
+from stride_viz.progress import Cancelled
+from stride_viz.subsets import design_subsets, subsets_of
+
+from conftest import TINY_FIT
+
+
+# ------------------------------------------------------------------ stage 1
+def test_design_is_left_regular_balanced_and_seeded():
+    M = design_subsets(500, 64, 6, seed=3)
+    assert M.shape == (64, 500)
+    assert (np.asarray(M.sum(0)).ravel() == 6).all()            # every example in exactly d
+    rows = np.asarray(M.sum(1)).ravel()
+    assert rows.max() - rows.min() <= 1                          # subsets balanced
+    assert len({tuple(r) for r in subsets_of(M)}) > 450          # no degenerate repetition
+    assert (design_subsets(500, 64, 6, seed=3) != M).nnz == 0    # same seed, same design
+    assert (design_subsets(500, 64, 6, seed=4) != M).nnz > 0     # other seed, other design
+
+
+def test_design_refuses_a_pool_too_small():
+    with pytest.raises(ValueError, match="at least 16 examples"):
+        design_subsets(10, 64, 4, seed=0)
+
+
+# ------------------------------------------------------------------ stage 2-3 building blocks
+@pytest.mark.parametrize("mode", ["logits", "residual"])
+def test_zero_operator_leaves_logits_bit_for_bit_unchanged(tiny_model, mode):
+    lm = FrozenLM(tiny_model.model, layer=1)
+    out = lm.cut.vocab if mode == "logits" else lm.cut.d_model
+    ops = SteeringOperators(8, lm.cut.d_model, 4, out, torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0, 5, 9, 23, 41, 7]])
+    att = torch.ones_like(ids)
+    base = steered_logits(lm, None, mode, ids, att, torch.tensor([-1]))
+    steered = steered_logits(lm, ops, mode, ids, att, torch.tensor([3]))
+    assert torch.equal(base, steered)
+    reference = tiny_model.model(input_ids=ids, attention_mask=att).logits
+    assert torch.equal(base, reference)
+    with torch.no_grad():
+        ops.A.normal_()
+    assert not torch.equal(base, steered_logits(lm, ops, mode, ids, att, torch.tensor([3])))
+
+
+def test_upper_stack_from_cache_matches_full_forward(tiny_model):
+    lm = FrozenLM(tiny_model.model, layer=1)
+    ids = torch.tensor([[0, 5, 9, 23, 41, 7], [0, 8, 8, 3, 0, 0]])
+    att = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    lower, final = lm.hidden(ids, att)
+    again = lm.upper_hidden(lower, ids, att)
+    assert torch.allclose(again[0], final[0], atol=1e-5)
+    assert torch.allclose(again[1, :4], final[1, :4], atol=1e-5)
+    # the swapped blocks are back in place afterwards
+    assert torch.equal(tiny_model.model(input_ids=ids).logits, lm.logits(lm.hidden(ids, torch.ones_like(ids))[1]))
+
+
+def test_layer_out_of_range_is_refused(tiny_model):
+    with pytest.raises(ValueError, match=r"'layer' parameter must be in \[1, 2\]"):
+        FrozenLM(tiny_model.model, layer=5)
+
+
+# ------------------------------------------------------------------ fitting
+def _fit(tmp_path, model, pool, name, **kw):
+    cfg = FitConfig(**{**TINY_FIT, "epochs": 2, **kw})
+    run = Stride.create_or_open(tmp_path / name, model, pool, cfg)
+    run.fit()
+    return run
+
+
+def test_same_seed_same_operators_other_seed_differs(tmp_path, tiny_model, tiny_pool):
+    a = _fit(tmp_path, tiny_model, tiny_pool, "a", seed=1).operators.A.detach()
+    b = _fit(tmp_path, tiny_model, tiny_pool, "b", seed=1).operators.A.detach()
+    c = _fit(tmp_path, tiny_model, tiny_pool, "c", seed=2).operators.A.detach()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("mode", ["logits", "residual"])
+def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, tiny_model, tiny_pool, mode):
+    kw = dict(mode=mode, epochs=2, checkpoint_every=3)
+    whole = _fit(tmp_path, tiny_model, tiny_pool, "whole", **kw)
+    cfg = FitConfig(**{**TINY_FIT, **kw})
+    run = Stride.create_or_open(tmp_path / "killed", tiny_model, tiny_pool, cfg)
+    calls = iter(range(1000))
+    with pytest.raises(Cancelled):
+        run.fit(should_stop=lambda: next(calls) >= 7)           # stop after 7 steps
+    assert not run.store.is_fitted()
+    state = (run.store.fit_dir / "state.json").read_text()
+    assert '"step": 7' in state
+    resumed = Stride.create_or_open(tmp_path / "killed", tiny_model, tiny_pool, cfg)
+    resumed.fit()
+    assert torch.equal(resumed.operators.A, whole.operators.A)
+    assert torch.equal(resumed.operators.basis, whole.operators.basis)
+
+
+def test_training_lowers_the_fidelity_loss_in_both_modes(tmp_path, tiny_model, tiny_pool):
+    for mode in ("logits", "residual"):
+        run = _fit(tmp_path, tiny_model, tiny_pool, f"loss-{mode}", mode=mode, epochs=4)
+        import json
+        hist = json.loads((run.store.fit_dir / "state.json").read_text())["history"]
+        first = np.mean([h["fid"] for h in hist[:3]])
+        last = np.mean([h["fid"] for h in hist[-3:]])
+        assert last < first - 0.05, (mode, first, last)
+
+
+def test_reopening_with_other_settings_is_refused_with_the_differences(tmp_path, tiny_model, tiny_pool):
+    _fit(tmp_path, tiny_model, tiny_pool, "r", epochs=1)
+    with pytest.raises(RunMismatch, match=r"rank: 4 -> 6.*new --run directory"):
+        Stride.create_or_open(tmp_path / "r", tiny_model, tiny_pool, FitConfig(**{**TINY_FIT, "epochs": 1, "rank": 6}))
+    with pytest.raises(RunMismatch, match="pool"):
+        Stride.create_or_open(tmp_path / "r", tiny_model, tiny_pool.subset(range(100)),
+                              FitConfig(**{**TINY_FIT, "epochs": 1}))
+
+
+def test_pool_smaller_than_the_design_needs_is_refused(tmp_path, tiny_model, tiny_pool):
+    small = tiny_pool.subset(range(5))
+    with pytest.raises(ConfigError, match="fewer than the 12.*Lower --subsets"):
+        Stride.create_or_open(tmp_path / "s", tiny_model, small, FitConfig(**TINY_FIT))
+    assert not (tmp_path / "s").exists()
+
+
+def test_config_out_of_range_names_the_parameter():
+    with pytest.raises(ConfigError, match=r"'subsets' parameter of FitConfig must be an integer in the range \[2, 1000000\]. Got 0"):
+        FitConfig(subsets=0)
+    with pytest.raises(ConfigError, match="'mode'"):
+        FitConfig(mode="middle")
+    with pytest.raises(ConfigError, match="'selection'"):
+        RecoveryConfig(selection="best")
+
+
+# ------------------------------------------------------------------ stages 3-4 end to end
+def test_planted_facts_are_found(fitted_run, tiny_pool):
+    attributions = [read_attribution(fitted_run.store.root, q.id) for q in fact_queries(tiny_pool)]
+    metrics = fact_metrics(tiny_pool, attributions)
+    chance = 10 / len(tiny_pool)
+    assert metrics["queries"] == len(tiny_pool.facts)
+    assert metrics["recall_at_10"] >= 5 * chance, metrics
+    assert metrics["mrr"] >= 0.4, metrics
+
+
+def test_attribution_files_are_self_describing(fitted_run, tiny_pool):
+    q = fact_queries(tiny_pool)[0]
+    a = read_attribution(fitted_run.store.root, q.id)
+    K = fitted_run.membership.shape[0]
+    assert a.responses.shape == (K,) and a.responses.dtype == np.float32
+    assert a.scores.shape == (len(tiny_pool),) and np.isfinite(a.scores).all()
+    assert a.info["completion"] == q.completion and len(a.info["tokens"]) == len(a.info["token_loss"])
+    import json
+    cont = json.loads((a.folder / "continuations.json").read_text())
+    assert cont["base"] is not None and len(cont["operators"]) >= 2
+    assert fitted_run.store.query_ids()[0] == q.id
+
+
+def test_missing_completion_is_generated_then_explained(fitted_run):
+    [a] = fitted_run.attribute([Query("free", "A wise man", None)], continuations=False)
+    assert a.info["completion_generated"] and a.info["completion"]
+    assert np.isfinite(a.responses).all()
+
+
+def test_operator_continuation_on_request(fitted_run, tiny_pool):
+    q = fact_queries(tiny_pool)[0]
+    text = fitted_run.continuation(q.id, 0)
+    import json
+    cont = json.loads((fitted_run.store.attribution_dir(q.id) / "continuations.json").read_text())
+    assert any(o["k"] == 0 and o["text"] == text for o in cont["operators"])
+    with pytest.raises(ConfigError, match="operator index"):
+        fitted_run.continuation(q.id, 10_000)
+
+
+def test_bad_queries_are_refused_before_any_work(fitted_run):
+    before = set(fitted_run.store.query_ids())
+    with pytest.raises(QueryError, match="this model reads at most 128"):
+        fitted_run.attribute([Query("ok", "Hello", " there"), Query("long", "word " * 400, " end")])
+    with pytest.raises(QueryError, match="unique"):
+        fitted_run.attribute([Query("a", "x", " y"), Query("a", "x", " z")])
+    assert set(fitted_run.store.query_ids()) == before
