@@ -122,6 +122,8 @@ def _variant(method: str) -> tuple[dict, dict]:
     (an ablation registered with --variant)."""
     if method == "stride":
         return {}, {}
+    if method == "stride:backprojection":
+        return {}, {}
     spec = json.loads(VARIANTS.read_text())[method.split(":", 1)[1]]
     return spec.get("fit", {}), spec.get("recovery", {})
 
@@ -161,6 +163,17 @@ def _stride_scores(method: str) -> dict:
                          "note": "engine defaults (FitConfig(), RecoveryConfig()) + overrides"}}
 
 
+def _backprojection(queries) -> dict:
+    """STRIDE's fast estimate (no Lasso): w_i = (1/d) sum_{k containing i} (y_k - mean y), read
+    from the default run's attributions (run 'stride' first)."""
+    rows = [np.load(RUN_DIR / "attributions" / q.id / "backprojection.npy") for q in queries]
+    info = json.loads((SCORES / "stride.json").read_text())
+    return {"scores": np.stack(rows).astype(np.float32), "seconds_fit": info["seconds_fit"],
+            "seconds_per_query": info["seconds_per_query"], "peak_rss_mb": info["peak_rss_mb"],
+            "settings": {**info["settings"], "note": "back-projection of the default run's "
+                         "responses instead of the Lasso (times: the default run's, an upper bound)"}}
+
+
 def run_one_method(method: str) -> None:
     """Worker (own process): compute one method's scores and save them."""
     import torch
@@ -169,7 +182,9 @@ def run_one_method(method: str) -> None:
     from stride_viz.retrain import open_inputs
 
     meta, pool, queries, _ = open_inputs(GT_DIR)
-    if method.startswith("stride"):
+    if method == "stride:backprojection":
+        out = _backprojection(queries)
+    elif method.startswith("stride"):
         out = _stride_scores(method)
     else:
         from stride_viz.baselines import run_method
@@ -317,6 +332,7 @@ def main() -> None:
         VARIANTS.write_text(json.dumps(registered, indent=1))
     methods = [m for m in a.methods.split(",") if m]
     unknown = [m for m in methods if m not in ALL_METHODS
+               and m != "stride:backprojection"
                and not (m.startswith("stride:") and m.split(":", 1)[1] in registered)]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")

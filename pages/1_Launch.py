@@ -91,7 +91,6 @@ field_error("queries")
 # ----------------------------------------------------------------------------- settings
 _CHOICES = {"mode": ["logits", "residual"], "selection": ["cv", "cv-1se", "nonzeros"],
             "device": ["auto", "cpu", "cuda"]}
-_OPTIONAL = {"layer", "max_nonzero"}
 
 
 def config_inputs(cls, prefix: str) -> None:
@@ -102,8 +101,9 @@ def config_inputs(cls, prefix: str) -> None:
         with cols[i % 3]:
             if f.name in _CHOICES:
                 st.selectbox(label, _CHOICES[f.name], key=key, help=help_)
-            elif f.name in _OPTIONAL:
-                st.text_input(label + " (empty = default)", key=key, help=help_)
+            elif f.default is None or isinstance(f.default, str):
+                st.text_input(label + (" (empty = default)" if f.default is None else ""), key=key,
+                              help=help_, value=f.default or "")
             elif isinstance(f.default, float):
                 st.number_input(label, value=f.default, key=key, help=help_, format="%g")
             else:
@@ -126,7 +126,7 @@ def _config(cls, prefix: str, found: dict) -> dict:
     try:
         for f in dataclasses.fields(cls):
             v = st.session_state.get(f"{prefix}_{f.name}", f.default)
-            if f.name in _OPTIONAL:
+            if f.default is None:  # optional integers typed as text
                 v = str(v or "").strip()
                 try:
                     v = int(v) if v else None

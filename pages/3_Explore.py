@@ -6,13 +6,12 @@ Selecting an example in any chart or in the table highlights it everywhere.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import streamlit as st
 
 from stride_viz import plots, ui
 from stride_viz.jobs import JobError
-from stride_viz.report import build_report, fact_sources, top_table
+from stride_viz.report import build_report, fact_sources, ranks_of, top_table
 
 ui.page_setup("Explore")
 st.title("Explore an attribution")
@@ -102,10 +101,13 @@ st.caption(f"Run `{run.name}` · model `{run.meta['model']['spec']}` · pool `{r
 if run.is_demo:
     with st.expander("About this demo run", expanded=True):
         st.markdown(ui.DEMO_EXPLANATION.format(n=run.n, K=run.K))
-        facts = [qid for qid in run.query_ids if qid.startswith("fact-")]
-        if facts:
-            st.markdown(f"Planted-fact queries in this run: {', '.join(f'`{f}`' for f in facts)}. "
-                        f"Pick one in the sidebar.")
+        found = ui.fact_ranks(run_dir)
+        if found:
+            hits = sum(f["best_rank"] <= 10 for f in found)
+            st.markdown(f"**Result:** for **{hits} of {len(found)}** planted facts, a known source document "
+                        f"is among STRIDE's top 10 of {run.n} examples (best rank per fact: "
+                        + ", ".join(f"`{f['query']}` #{f['best_rank']}" for f in found)
+                        + "). Pick a fact query in the sidebar to see its sources (★).")
 
 # ----------------------------------------------------------------------------- the query
 st.subheader("The query")
@@ -127,15 +129,15 @@ if side.startswith("proponents"):
 elif side.startswith("opponents"):
     shown[shown > 0] = 0
 n_pos, n_neg = int((q.scores > 0).sum()), int((q.scores < 0).sum())
-st.caption(f"{n_pos} examples help and {n_neg} hurt at the chosen λ; the other {len(ids) - n_pos - n_neg} "
-           f"have a score of exactly 0 (no detectable influence).")
+st.caption(f"{n_pos} example{'s' if n_pos != 1 else ''} help{'s' if n_pos == 1 else ''} and {n_neg} "
+           f"hurt{'s' if n_neg == 1 else ''} at the chosen λ; the other {len(ids) - n_pos - n_neg} have a "
+           f"score of exactly 0 (no detectable influence).")
 if marked:
-    # rank of the planted fact's own sources among all examples (score, ties by back-projection)
-    order = np.lexsort((-q.backprojection.astype(float), -q.scores.astype(float)))
-    rank = {int(i): r + 1 for r, i in enumerate(order)}
-    best = min(marked, key=rank.get)
+    rows = sorted(marked)
+    ranks = ranks_of(q.scores, q.backprojection, rows)
+    best = rows[int(np.argmin(ranks))]
     st.markdown(f"**Planted fact check:** the best-ranked of its {len(marked)} known source document(s), "
-                f"`{ids[best]}`, is **#{rank[best]}** of {len(ids)} (score {q.scores[best]:+.3g} nats). "
+                f"`{ids[best]}`, is **#{min(ranks)}** of {len(ids)} (score {q.scores[best]:+.3g} nats). "
                 f"A rank within the top 10 means STRIDE found where the model learnt this fact.")
 st.plotly_chart(plots.top_examples_figure(ids, shown, texts, top=top_n, selected=sel, marked=marked),
                 key="explore_top_chart", on_select=lambda: _pick_example("explore_top_chart"),

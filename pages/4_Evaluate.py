@@ -151,14 +151,14 @@ per_query = {m: _lds(s) for m, s in methods.items()}
 st.subheader("LDS per query, by method")
 kind = st.radio("Chart", ["box", "violin"], horizontal=True, key="eval_kind")
 st.plotly_chart(eval_plots.lds_distribution({m: v[~np.isnan(v)] for m, v in per_query.items()}, kind=kind),
-                use_container_width=True, key="eval_dist")
+                width="stretch", key="eval_dist")
 
 st.subheader("Methods")
 for m, v in per_query.items():  # recomputed from the files: the table agrees with the chart
     table.setdefault(m, {"status": "ok"})
     table[m] = {**table[m], "lds_mean": float(np.nanmean(v)), "lds_std": float(np.nanstd(v))}
 frame = eval_plots.methods_frame(table)
-st.dataframe(frame, hide_index=True, use_container_width=True, key="eval_table",
+st.dataframe(frame, hide_index=True, width="stretch", key="eval_table",
              column_config={"LDS mean": st.column_config.NumberColumn(format="%+.3f"),
                             "LDS std": st.column_config.NumberColumn(format="%.3f"),
                             "recall@10": st.column_config.NumberColumn(format="%.2f", help="planted facts: share of a fact's source documents in the top 10"),
@@ -186,6 +186,6 @@ else:
     pred = evaluation.subset_sums(s[None, :], gt.train_subsets)[0]
     st.plotly_chart(eval_plots.prediction_scatter(pred, gt.test_loss[:, qi], method=m, query=queries[qi]["id"],
                                                   rho=float(per_query[m][qi])),
-                    use_container_width=True, key="eval_scatter")
+                    width="stretch", key="eval_scatter")
     st.caption("Each dot is one retrained model. A useful attribution puts the subsets it predicts to help "
                "most (right) at the lowest retrained loss (bottom): the dots fall from left to right.")

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .config import FitConfig, RecoveryConfig
-from .engine import Attribution, Stride
+from .engine import Attribution, QueryError, Stride
 from .evaluation import mrr, recall_at_k
 from .models import data_home, load_model
 from .pools import Pool, Query, fact_queries, load_pool
@@ -50,7 +50,8 @@ def run_demo(preset: str = "tiny", config: Optional[FitConfig] = None,
              run_dir: Optional[str | Path] = None, n_queries: Optional[int] = None,
              recovery: RecoveryConfig = RecoveryConfig(),
              progress: Callable[..., None] = no_progress,
-             echo: Callable[[str], None] = lambda s: None, pool_limit: Optional[int] = None) -> dict:
+             echo: Callable[[str], None] = lambda s: None, pool_limit: Optional[int] = None,
+             should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Build (or reuse) the demo model, fit the operators, explain the fact queries and one
     free prompt; returns and writes ``demo.json`` with the planted-fact metrics and timings."""
     t0 = time.monotonic()
@@ -60,17 +61,21 @@ def run_demo(preset: str = "tiny", config: Optional[FitConfig] = None,
     t_model = time.monotonic()
     run_dir = Path(run_dir) if run_dir else default_run_dir(model.hash, pool.hash, config)
     run = Stride.create_or_open(run_dir, model, pool, config)
-    run.fit(progress=progress)
+    run.fit(progress=progress, should_stop=should_stop)
     t_fit = time.monotonic()
     queries = fact_queries(pool)[:n_queries]
-    queries.append(Query("free-prompt", FREE_PROMPT, None))
     attributions = run.attribute(queries, recovery, progress=progress)
+    try:   # the model's own continuation of a free prompt (a weak model may produce none)
+        attributions += run.attribute([Query("free-prompt", FREE_PROMPT, None)], recovery,
+                                      progress=progress)
+    except QueryError as e:
+        echo(f"free prompt skipped: {e}")
     t_done = time.monotonic()
     summary = {"run": str(run_dir), "model": model.spec, "pool": DEMO_POOL, "n_pool": len(pool),
                **fact_metrics(pool, attributions),
                "seconds_model": t_model - t0, "seconds_fit": t_fit - t_model,
                "seconds_attribute": t_done - t_fit, "seconds_total": t_done - t0,
-               "seconds_per_query": (t_done - t_fit) / max(1, len(queries))}
+               "seconds_per_query": (t_done - t_fit) / max(1, len(attributions))}
     write_json(run_dir / "demo.json", summary)
     echo(f"run directory: {run_dir}")
     for a in attributions[:3] + attributions[-1:]:

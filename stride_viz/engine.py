@@ -203,7 +203,8 @@ class Stride:
                                    "fit() (CLI: python -m stride_viz fit) first.")
             tensors = load_file(str(self.store.operators_path), device=str(self.lm.device))
             K, r, out = tensors["A"].shape
-            ops = SteeringOperators(K, tensors["basis"].shape[1], r, out, torch.Generator())
+            ops = SteeringOperators(K, tensors["basis"].shape[1], r, out, torch.Generator(),
+                                    rms_scale=self.config.mode == "residual")
             ops.load_state_dict(tensors)
             self._operators = ops.to(self.lm.device).eval()
         return self._operators

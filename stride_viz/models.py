@@ -39,8 +39,10 @@ __all__ = ["LoadedModel", "ModelError", "load_model", "train_demo_model", "train
 
 BOS = "<|endoftext|>"
 
-# Demo model presets. Measured on a 2-core CPU with the 3,115-document fortunes+facts pool
-# (see the module's report in readme_parts/data.md): tiny trains in about a minute.
+# Demo model presets, trained on the 3,115 documents of fortunes+facts. Measured on one CPU
+# core: tiny 89 s of CPU time, small 329 s. Small is the first one whose loss on the planted
+# fact queries drops far below a model trained without the fact documents (4.1 vs 8.4 nats
+# per token; tiny 5.4 vs 6.1).
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=2048,
                  epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96),

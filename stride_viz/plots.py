@@ -142,7 +142,7 @@ def sparsity_path_figure(ratios: np.ndarray, coefs: np.ndarray, nonzeros: np.nda
     cv_std = np.asarray(cv_std, dtype=float)
     fig.add_trace(go.Scatter(x=np.concatenate([ratios, ratios[::-1]]),
                              y=np.concatenate([cv_mean + cv_std, (cv_mean - cv_std)[::-1]]),
-                             fill="toself", fillcolor="rgba(76,120,168,0.18)", line=dict(width=0),
+                             mode="lines", fill="toself", fillcolor="rgba(76,120,168,0.18)", line=dict(width=0),
                              hoverinfo="skip", showlegend=False), row=2, col=1)
     fig.add_trace(go.Scatter(x=ratios, y=cv_mean, mode="lines+markers", marker=dict(size=4),
                              line=dict(color=PALETTE[0]), name="held-out error (± 1 sd)",
@@ -157,7 +157,10 @@ def sparsity_path_figure(ratios: np.ndarray, coefs: np.ndarray, nonzeros: np.nda
         fig.add_vline(x=chosen, line=dict(color="#555", dash="dash", width=1), row=row, col=1)
     fig.add_annotation(x=np.log10(chosen), y=1, xref="x", yref="paper", yanchor="bottom", showarrow=False,
                        text=f"chosen λ/λ_max = {chosen:.3g} ({int(np.asarray(nonzeros)[int(chosen_index)])} non-zero)")
-    fig.update_xaxes(type="log", autorange="reversed")
+    # plain ticks (1, 0.5, 0.2, 0.1, ...): plotly's log labels ("9 8 7 ... 2") read as nonsense here
+    lo, hi = float(ratios.min()), float(ratios.max())
+    ticks = [m * 10.0 ** e for e in range(0, -9, -1) for m in (1, 0.5, 0.2) if lo <= m * 10.0 ** e <= hi * 1.0001]
+    fig.update_xaxes(type="log", autorange="reversed", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     fig.update_xaxes(title_text="λ / λ_max (log scale; weaker regularisation to the right)", row=2, col=1)
     fig.update_yaxes(title_text="coefficient w<sub>i</sub> (nats)", row=1, col=1)
     fig.update_yaxes(title_text="held-out MSE (nats²)", row=2, col=1, secondary_y=False)

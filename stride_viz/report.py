@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,7 +25,8 @@ from . import plots
 from .storage import RunStore, read_json
 
 __all__ = ["RunInfo", "QueryView", "list_runs", "read_run", "read_query", "read_pool_rows",
-           "membership_of", "top_table", "fact_sources", "build_report", "write_report"]
+           "membership_of", "top_table", "fact_sources", "ranks_of", "fact_ranks", "build_report",
+           "write_report"]
 
 
 @dataclass
@@ -131,6 +131,32 @@ def fact_sources(run_dir: str | Path, query: dict) -> list[str]:
     return []
 
 
+def ranks_of(scores: np.ndarray, backprojection: np.ndarray, rows: Sequence[int]) -> list[int]:
+    """1-based rank of pool rows ``rows`` when examples are sorted by score (descending), ties
+    (e.g. the many exact zeros) broken by the back-projection estimate, as Attribution.top does."""
+    order = np.lexsort((-np.asarray(backprojection, float), -np.asarray(scores, float)))
+    position = np.empty_like(order)
+    position[order] = np.arange(1, order.size + 1)
+    return [int(position[r]) for r in rows]
+
+
+def fact_ranks(run_dir: str | Path) -> list[dict]:
+    """For every explained query of the run that asks for a planted fact: the rank of its best
+    known source document. Rows: {"query", "best_rank", "sources", "best_id"}."""
+    run = read_run(run_dir)
+    ids = read_pool_rows(run_dir)["id"].tolist()
+    row_of = {e: i for i, e in enumerate(ids)}
+    out = []
+    for qid in run.query_ids:
+        q = read_query(run_dir, qid)
+        rows = [row_of[s] for s in fact_sources(run_dir, q.info) if s in row_of]
+        if rows:
+            ranks = ranks_of(q.scores, q.backprojection, rows)
+            best = int(np.argmin(ranks))
+            out.append({"query": qid, "best_rank": ranks[best], "sources": len(rows), "best_id": ids[rows[best]]})
+    return out
+
+
 def read_query(run_dir: str | Path, query_id: str) -> QueryView:
     folder = RunStore(run_dir).attribution_dir(query_id)
     if not (folder / "meta.json").exists():
@@ -221,6 +247,12 @@ def build_report(run_dir: str | Path, query_ids: Optional[Sequence[str]] = None,
              "</b> means it hurts (an opponent). Units: nats of mean per-token loss. An operator response "
              "y<sub>k</sub> = Loss<sub>base</sub> − Loss<sub>k</sub> &gt; 0 means steering the model with the "
              "operator of subset k lowers the loss. ★ marks known sources of a planted fact.</div>"]
+    found = fact_ranks(run_dir)
+    if found:
+        hits = sum(f["best_rank"] <= 10 for f in found)
+        parts.append(f"<p>Planted facts: for <b>{hits} of {len(found)}</b> fact queries a known source "
+                     f"document is among the top 10 of {run.n} examples (best ranks: "
+                     f"{', '.join(str(f['best_rank']) for f in found)}).</p>")
     first = True
     for qid in ids:
         q = read_query(run_dir, qid)

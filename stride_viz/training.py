@@ -163,8 +163,8 @@ class Trainer:
                                                 device=self.device)  # (K, n), for outside sampling
         init = torch.Generator().manual_seed(config.seed)
         out_dim = lm.cut.d_model if config.mode == "residual" else lm.cut.vocab
-        self.operators = SteeringOperators(self.K, lm.cut.d_model, config.rank, out_dim,
-                                           init).to(self.device)
+        self.operators = SteeringOperators(self.K, lm.cut.d_model, config.rank, out_dim, init,
+                                           rms_scale=config.mode == "residual").to(self.device)
         self.optimizer = torch.optim.AdamW(self.operators.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
@@ -201,49 +201,53 @@ class Trainer:
         return torch.as_tensor(self._batches[within], device=self.device)
 
     # ----------------------------------------------------------------- losses
-    def _steered_logits(self, examples: torch.Tensor, ops: torch.Tensor,
-                        gen: Optional[torch.Generator]) -> tuple[torch.Tensor, ...]:
-        # gen=None: every scored token (the linearity probes, compared with base losses)
-        """Logits of every example under each of its operators: examples (B,), ops (B, c) ->
-        steered (B, c, T, V), base (B, T, V), targets (B, T), mask (B, T) over scored tokens
-        (at most ``tokens_per_example`` of them, drawn with ``gen``, per example)."""
-        B, c = ops.shape
+    def _steered_logits(self, examples: torch.Tensor, op_groups: list[torch.Tensor],
+                        gen: Optional[torch.Generator]) -> tuple:
+        """Logits of every example under each operator of each group: examples (B,), groups of
+        ops (B, c_g) -> ([steered (B, c_g, T, V) per group], base (B, T, V), targets (B, T),
+        mask (B, T)) over the scored tokens, at most ``tokens_per_example`` of them drawn with
+        ``gen`` (gen=None: all of them). Groups are separate tensors, not slices of one:
+        the backward of a slice zero-fills the whole tensor, a third of a step's time."""
         if self.config.mode == "logits":
             ids, att, msk, tgt, final = self.cache.padded_scored(
                 examples, self.config.tokens_per_example if gen is not None else None, gen)
             base = self.lm.logits(final)                                      # (B, T, V)
             z = self.operators.features(final)                                # (B, T, r)
-            shift = torch.einsum("btr,bcrv->bctv", z, self.operators.A[ops])  # (B, c, T, V)
-            return base.unsqueeze(1) + shift, base, tgt, msk
+            steered = [base.unsqueeze(1) + torch.einsum("btr,bcrv->bctv", z, self.operators.A[ops])
+                       for ops in op_groups]
+            return steered, base, tgt, msk
         ids, att, msk, tgt, lower = self.cache.padded(examples, "lower")      # (B, T, ...)
-        T = ids.shape[1]
+        B, T = ids.shape
         z = self.operators.features(lower)
-        shift = torch.einsum("btr,bcrd->bctd", z, self.operators.A[ops])
-        h = (lower.unsqueeze(1) + shift).reshape(B * c, T, -1)
-        final = self.lm.upper_hidden(h, ids.repeat_interleave(c, 0), att.repeat_interleave(c, 0))
-        steered = self.lm.logits(final).view(B, c, T, -1)
+        scale = self.operators.scale(lower).unsqueeze(1)
+        steered = []
+        for ops in op_groups:
+            c = ops.shape[1]
+            shift = torch.einsum("btr,bcrd->bctd", z, self.operators.A[ops]) * scale
+            h = (lower.unsqueeze(1) + shift).reshape(B * c, T, -1)
+            final = self.lm.upper_hidden(h, ids.repeat_interleave(c, 0), att.repeat_interleave(c, 0))
+            steered.append(self.lm.logits(final).view(B, c, T, -1))
         base = self.lm.logits(self.cache.padded(examples, "final")[4])
         return steered, base, tgt, msk
 
-    def _pair_losses(self, examples: torch.Tensor, ops: torch.Tensor, n_inside: int,
-                     gen: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per (example, operator) pair, over the scored tokens: the steered loss of the first
-        ``n_inside`` operators of each row (B, n_inside) and KL(base || steered) of the others
-        (B, c - n_inside). Only what each loss needs is computed."""
-        steered, base, tgt, msk = self._steered_logits(examples, ops, gen)
-        B, c, T, V = steered.shape
-        count = msk.sum(-1).clamp_min(1.0)                                   # (B,)
-        inside = steered[:, :n_inside]
-        nll = F.cross_entropy(inside.reshape(-1, V), tgt.clamp_min(0).unsqueeze(1)
-                              .expand(B, n_inside, T).reshape(-1), reduction="none")
-        nll = (nll.view(B, n_inside, T) * msk.unsqueeze(1)).sum(-1) / count.unsqueeze(1)
-        if n_inside == c:
-            return nll, nll.new_zeros(B, 0)
+    def _pair_losses(self, examples: torch.Tensor, inside: torch.Tensor,
+                     outside: Optional[torch.Tensor] = None,
+                     gen: Optional[torch.Generator] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Mean over the scored tokens, per (example, operator): the steered loss under the
+        operators ``inside`` (B, c_in) and KL(base || steered) under ``outside`` (B, c_out)."""
+        groups = [inside] + ([outside] if outside is not None else [])
+        steered, base, tgt, msk = self._steered_logits(examples, groups, gen)
+        B, c, T, V = steered[0].shape
+        count = msk.sum(-1).clamp_min(1.0).unsqueeze(1)                      # (B, 1)
+        nll = F.cross_entropy(steered[0].reshape(-1, V), tgt.clamp_min(0).unsqueeze(1)
+                              .expand(B, c, T).reshape(-1), reduction="none")
+        nll = (nll.view(B, c, T) * msk.unsqueeze(1)).sum(-1) / count
+        if outside is None:
+            return nll, None
         base_logp = torch.log_softmax(base, -1).unsqueeze(1)                 # (B, 1, T, V)
-        out_logp = torch.log_softmax(steered[:, n_inside:], -1)
+        out_logp = torch.log_softmax(steered[1], -1)
         kl = F.kl_div(out_logp, base_logp, log_target=True, reduction="none").sum(-1)
-        kl = (kl * msk.unsqueeze(1)).sum(-1) / count.unsqueeze(1)
-        return nll, kl
+        return nll, (kl * msk.unsqueeze(1)).sum(-1) / count
 
     def _linearity(self, gen: torch.Generator) -> torch.Tensor:
         """Distance of probe responses y (over a random set of operators) from the column space
@@ -252,7 +256,7 @@ class Trainer:
         probes = torch.randint(0, self.n, (cfg.probe_queries,), generator=gen).to(self.device)
         n_ops = min(self.K, 64)
         ops = torch.randperm(self.K, generator=gen)[:n_ops].to(self.device)
-        steered, _ = self._pair_losses(probes, ops.unsqueeze(0).expand(cfg.probe_queries, -1), n_ops)
+        steered, _ = self._pair_losses(probes, ops.unsqueeze(0).expand(cfg.probe_queries, -1))
         y = (self._base_losses(probes).unsqueeze(1) - steered).T             # (n_ops, probes)
         S = self.sketch[ops]                                                  # (n_ops, q+1)
         G = S.T @ S
@@ -279,12 +283,12 @@ class Trainer:
             cand = torch.randint(0, self.K, (B, 4 * s + 4), generator=gen).to(self.device)
             inside = self.membership_dense[cand, batch.unsqueeze(1)] > 0
             order = torch.argsort(inside.float(), dim=1, stable=True)[:, :s]
-            ops = torch.cat([fid_op, torch.gather(cand, 1, order)], dim=1)
+            out_op = torch.gather(cand, 1, order)
         else:
-            ops = fid_op
-        nll, kl = self._pair_losses(batch, ops, fid_op.shape[1], gen)
+            out_op = None
+        nll, kl = self._pair_losses(batch, fid_op, out_op, gen)
         fid = nll.mean()
-        stab = kl.mean() if s else torch.zeros((), device=self.device)
+        stab = kl.mean() if kl is not None else torch.zeros((), device=self.device)
         loss = fid + cfg.stability_weight * stab
         lin = torch.zeros((), device=self.device)
         if cfg.linearity_weight > 0 and cfg.linearity_every and step % cfg.linearity_every == 0:

@@ -16,9 +16,9 @@ from .jobs import Executor, Job, JobError, JobStore, LocalProcessExecutor, demo_
 from .models import data_home
 from . import report
 
-__all__ = ["executor", "SIGN_NOTE", "RESPONSE_NOTE", "fmt_seconds", "state_label", "render_job",
-           "live_job", "launch_demo_button", "runs", "run_info", "pool_rows", "query_view",
-           "membership", "init_from_url", "DEMO_EXPLANATION", "page_setup"]
+__all__ = ["executor", "SIGN_NOTE", "RESPONSE_NOTE", "DEMO_EXPLANATION", "page_setup", "fmt_seconds",
+           "state_label", "explore_link", "render_job", "live_job", "launch_demo_button", "runs",
+           "run_info", "pool_rows", "query_view", "fact_ranks", "membership", "init_from_url", "set_url"]
 
 SIGN_NOTE = ("**Sign and units.** A score **w > 0** (green) means the training example **helps**: "
              "training on it lowers the loss of the query's completion (a *proponent*). **w < 0** "
@@ -93,7 +93,8 @@ def state_label(job: Job) -> str:
     return f"{_STATE_ICONS.get(job.state, '')} {job.state}"
 
 
-def explore_link(run_dir: str, query: Optional[str] = None, key: str = "") -> None:
+def explore_link(run_dir: str, query: Optional[str] = None) -> None:
+    """A link to the Explore page showing ``run_dir`` (and ``query``)."""
     params = {"run": Path(run_dir).name}
     if query:
         params["query"] = query
@@ -131,7 +132,7 @@ def render_job(job: Job, ex: Executor, key: str, compact: bool = False) -> None:
     if job.state == "done" and job.run_dir and job.kind in ("demo", "attribute"):
         with head[2]:
             queries = job.result.get("query_ids") or [None]
-            explore_link(job.run_dir, queries[0], key=f"{key}_{job.id}")
+            explore_link(job.run_dir, queries[0])
     if job.state == "running" or (job.state == "queued"):
         stage = job.stage or ("waiting for the job before it" if job.state == "queued" else "starting")
         eta = f" · about {fmt_seconds(job.eta_seconds)} left" if job.eta_seconds is not None else ""
@@ -169,17 +170,22 @@ def live_job(job_id: int, key: str, compact: bool = True) -> None:
 
 
 def launch_demo_button(key: str) -> Optional[int]:
-    """The one-click demo. Returns the id of the demo job launched from this session, if any."""
+    """The one-click demo. Returns the id of the demo job to follow: the one launched from this
+    session, else a demo job still queued or running (another tab, before a reload), else None.
+    The button is disabled while a demo job is queued or running."""
     ex = executor()
-    if st.button("▶ Launch the demo", key=key, type="primary",
-                 help="Builds a small GPT-2 on the built-in fortunes+facts pool (reused if it "
-                      "exists), fits the STRIDE operators and explains a few planted facts and "
-                      "one free prompt. Runs in the background; you can close the browser."):
+    active = [j.id for j in ex.store.list(kind="demo", limit=5) if j.active]
+    if st.button("▶ Launch the demo", key=key, type="primary", disabled=bool(active),
+                 help="A demo is already running: follow it below or on the Runs page." if active else
+                 "Builds a small GPT-2 on the built-in fortunes+facts pool (reused if it exists), fits "
+                 "the STRIDE operators and explains a few planted facts and one free prompt. Runs in "
+                 "the background; you can close the browser."):
         try:
             st.session_state["demo_job_id"] = ex.submit("demo", demo_params_from_env())
         except JobError as e:
             st.error(str(e))
-    return st.session_state.get("demo_job_id")
+    mine = st.session_state.get("demo_job_id")
+    return mine if mine is not None else (active[0] if active else None)
 
 
 # ----------------------------------------------------------------------------- cached readers
@@ -225,6 +231,16 @@ def query_view(path: str, query_id: str) -> report.QueryView:
     from .storage import RunStore
     folder = RunStore(path).attribution_dir(query_id)
     return _query_view(path, query_id, (_mtime(folder / "meta.json"), _mtime(folder / "continuations.json")))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _fact_ranks(path: str, stamp: float) -> list[dict]:
+    return report.fact_ranks(path)
+
+
+def fact_ranks(path: str) -> list[dict]:
+    """report.fact_ranks, recomputed only when an attribution is added."""
+    return _fact_ranks(path, _mtime(Path(path) / "attributions"))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

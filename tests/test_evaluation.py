@@ -154,9 +154,12 @@ def test_evaluate_page_reads_a_ground_truth_and_report(tmp_path, monkeypatch):
         for m in ("good", "bad")}}
     (tmp_path / "ground_truth" / "lds.json").write_text(json.dumps(report))
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path))
-    page = str(__import__("pathlib").Path(__file__).parent.parent / "pages" / "4_Evaluate.py")
-    at = AppTest.from_file(page, default_timeout=30)
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    # through the app, as a user arrives: the pages' shared navigation links need app.py
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=60)
+    at.run()
     at.session_state["eval_gt"] = "ground_truth/toy"
+    at.switch_page("pages/4_Evaluate.py")
     at.run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value

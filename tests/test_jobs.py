@@ -147,6 +147,15 @@ def test_frozen_worker_is_stopped_and_shown_failed(ex):
     psutil.Process(job.pid).wait(timeout=20)
 
 
+def test_job_that_never_got_a_worker_is_failed_not_queued_forever(ex, monkeypatch):
+    job_id = ex.store.create("sleep", {"seconds": 1, "steps": 1})    # a row whose spawn never happened
+    assert ex.store.reap() == [] and ex.store.get(job_id).state == "queued"
+    monkeypatch.setattr("stride_viz.jobs.store.SPAWN_GRACE_SECONDS", 0.0)
+    assert ex.store.reap() == [job_id]
+    job = ex.store.get(job_id)
+    assert job.state == "failed" and "No worker process" in job.error
+
+
 def test_jobs_outlive_the_launching_process_and_its_store(ex):
     job_id = ex.submit("sleep", {"seconds": 1, "steps": 2})
     job = ex.store.get(job_id)
@@ -213,6 +222,33 @@ def test_continuation_job_adds_the_operator(demo, monkeypatch):
     assert job.state == "done", job.error
     ops = {o["k"]: o for o in json.loads(path.read_text())["operators"]}
     assert k in ops and ops[k]["text"] == job.result["text"]
+
+
+@pytest.mark.slow  # about a minute on 2 busy cores; the sleep-job resume test covers the runner
+def test_cancelled_real_fit_resumes_from_its_checkpoint(demo, monkeypatch):
+    home, _ = demo
+    monkeypatch.setenv("STRIDE_VIZ_HOME", str(home))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ex = LocalProcessExecutor(JobStore(home / "jobs.sqlite"))
+    # the tiny demo's model and pool (reused), a longer fit with frequent checkpoints
+    params = {**TINY_DEMO, "n_fact_queries": 1,
+              "fit": {**TINY_DEMO["fit"], "epochs": 40, "checkpoint_every": 10}}
+    job_id = ex.submit("demo", params)
+    job = wait_job(ex.store, job_id, timeout=180, until=lambda j: j.stage == "fit" and j.fraction > 0.2)
+    ex.cancel(job_id)
+    job = wait_job(ex.store, job_id, timeout=60, until=lambda j: not process_alive(j.pid, j.pid_created))
+    assert job.state == "cancelled"
+    saved = json.loads((Path(job.run_dir) / "fit" / "state.json").read_text())
+    assert saved["status"] == "running" and 0 < saved["step"] < saved["total_steps"]
+    ex.resume(job_id)
+    job = wait_job(ex.store, job_id, timeout=180)
+    assert job.state == "done", job.error
+    done = json.loads((Path(job.run_dir) / "fit" / "state.json").read_text())
+    assert done["status"] == "done" and done["step"] == saved["total_steps"]
+    # the resumed attempt started after the checkpoint, not from step 0
+    resumed_log = job.log.split("resumed (attempt 2)")[1]
+    first_step = int(resumed_log.split("fit ")[1].split("step ")[1].split("/")[0])
+    assert first_step > saved["step"] - 1
 
 
 def test_failing_job_keeps_message_and_traceback(demo, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard_run import TINY_DEMO, TINY_DEMO_ENV, tiny_demo_home, tiny_demo_info
 from stride_viz.jobs import JobStore, LocalProcessExecutor
-from stride_viz.report import build_report, read_run
+from stride_viz.report import build_report, fact_ranks, ranks_of, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,3 +203,19 @@ def test_html_report_is_self_contained_and_interactive(demo):
     assert out.count("plotly.js v") >= 1 and len(out) > 1_000_000      # plotly.js itself is inlined, once
     assert out.count("Plotly.newPlot") == 3 * n_queries
     assert "fact-06" in out and "nats" in out and "helps" in out
+
+
+def test_ranks_break_score_ties_by_backprojection():
+    scores = np.array([0.0, 0.5, 0.0, -0.2, 0.0])
+    backprojection = np.array([0.1, 0.0, 0.3, 0.9, -0.1])
+    # order: 1 (0.5), then the zeros by back-projection 2 (0.3), 0 (0.1), 4 (-0.1), then 3 (-0.2)
+    assert ranks_of(scores, backprojection, [1, 2, 0, 4, 3]) == [1, 2, 3, 4, 5]
+
+
+def test_fact_ranks_of_the_demo_run(demo):
+    _, info = demo
+    found = {f["query"]: f for f in fact_ranks(info["run_dir"])}
+    assert set(found) == {"fact-06", "fact-26"}                      # the free prompt has no facts
+    for f in found.values():
+        assert 1 <= f["best_rank"] <= TINY_DEMO["pool_limit"] and f["best_id"].startswith(f["query"])
+

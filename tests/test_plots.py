@@ -62,6 +62,8 @@ def test_sparsity_path_draws_highlighted_lines_chosen_lambda_and_cv_curve():
     np.testing.assert_allclose(by_row[2].y, coefs[:, 2])
     assert by_row[4].line.width == 4                  # the selected one is drawn thick
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.autorange == "reversed"
+    assert list(fig.layout.xaxis.ticktext) == ["1", "0.5", "0.2", "0.1", "0.05", "0.02", "0.01", "0.005",
+                                               "0.002", "0.001"]
     cv_trace = next(t for t in fig.data if t.name and t.name.startswith("held-out"))
     np.testing.assert_allclose(cv_trace.y, cv)
     nz_trace = next(t for t in fig.data if t.name == "non-zero examples")
