@@ -4,6 +4,7 @@ the planted-fact recall@10 / MRR of the default settings on ``fortunes+facts``.
     python benchmarks/engine.py                 # full grid (tens of minutes on 2 cores)
     python benchmarks/engine.py --quick         # a smaller grid
     python benchmarks/engine.py --only quality  # just the planted-fact quality of the defaults
+    python benchmarks/engine.py --quick --only pool subsets --epochs 0.25   # scaling only
 
 Prints one JSON document (and writes it to --out, default benchmarks/results/engine.json).
 Each measurement runs in a fresh subprocess so that its peak RSS is its own. Times are wall
@@ -75,7 +76,8 @@ def _child(args: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller grid")
-    p.add_argument("--only", choices=["quality", "pool", "subsets"], help="run one part")
+    p.add_argument("--only", nargs="+", choices=["quality", "pool", "subsets"],
+                   default=["quality", "pool", "subsets"], help="parts to run (default: all)")
     p.add_argument("--epochs", type=float, default=1.0, help="fit epochs of the scaling grid")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -86,12 +88,14 @@ def main() -> None:
         return
     pools = [1000, 2000, 5000] if a.quick else [1000, 2000, 5000, 10000]
     ks = [128, 256, 512] if a.quick else [128, 256, 512, 1024]
-    result: dict = {"machine": {"cpus": __import__("os").cpu_count()}, "started": time.ctime()}
-    if a.only in (None, "quality"):
+    result: dict = {"machine": {"cpus": __import__("os").cpu_count(),
+                                "load_average_at_start": __import__("os").getloadavg()},
+                    "started": time.ctime(), "scaling_epochs": a.epochs}
+    if "quality" in a.only:
         result["quality_defaults"] = _child(["3115", "512", "0", "0"])
-    if a.only in (None, "pool"):
+    if "pool" in a.only:
         result["pool_scaling"] = [_child([str(n), "512", str(a.epochs), "5"]) for n in pools]
-    if a.only in (None, "subsets"):
+    if "subsets" in a.only:
         result["subset_scaling"] = [_child(["3115", str(k), str(a.epochs), "5"]) for k in ks]
     text = json.dumps(result, indent=1)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,20 @@ def _variant(method: str) -> tuple[dict, dict]:
     return spec.get("fit", {}), spec.get("recovery", {})
 
 
+def _fit_query(q, tokenizer, max_tokens: int):
+    """The query as the ground truth scored it: texts longer than the model's context were cut
+    to ``max_tokens`` tokens (BOS included) there, so cut the completion the same way here
+    (the engine refuses over-long queries instead of cutting them)."""
+    from stride_viz.pools import Query
+
+    p = tokenizer(q.prompt, add_special_tokens=False)["input_ids"] if q.prompt else []
+    c = tokenizer(q.completion, add_special_tokens=False)["input_ids"]
+    room = max_tokens - 1 - len(p)
+    if len(c) <= room:
+        return q
+    return Query(id=q.id, prompt=q.prompt, completion=tokenizer.decode(c[:room]))
+
+
 def _stride_scores(method: str) -> dict:
     """STRIDE (engine defaults, or an ablation variant): fit (one-off), then every query."""
     from stride_viz.baselines import PeakRss
@@ -145,6 +159,7 @@ def _stride_scores(method: str) -> dict:
     # one run directory per fit setting: variants that change only the recovery share a fit
     run_dir = RUN_DIR if not fit_over else RUN_DIR.with_name(
         RUN_DIR.name + "-" + hashlib.sha1(json.dumps(fit_over, sort_keys=True).encode()).hexdigest()[:8])
+    queries = [_fit_query(q, lm.tokenizer, config.max_length) for q in queries]
     with PeakRss() as rss:
         t0 = time.perf_counter()
         run = Stride.create_or_open(run_dir, lm, pool, config)
@@ -209,8 +224,13 @@ def step_methods(methods, force: bool = False, timeout: float = 3600) -> None:
         proc = subprocess.run([sys.executable, __file__, "--worker", m], timeout=timeout,
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            err = proc.stderr.strip().splitlines()
-            msg = err[-1] if err else f"exit code {proc.returncode}"
+            err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            # the exception line, not a progress bar printed after it
+            errs = [ln for ln in err if ("Error" in ln or "Exception" in ln or "Failed" in ln)
+                    and not ln.startswith(" ")]
+            msg = (errs or err or [f"exit code {proc.returncode}"])[-1]
+            (SCORES / f"{m}.stderr.txt").parent.mkdir(parents=True, exist_ok=True)
+            (SCORES / f"{m}.stderr.txt").write_text(proc.stderr[-20000:])
             SCORES.mkdir(parents=True, exist_ok=True)
             (SCORES / f"{m}.failed").write_text(msg + "\n")
             _log(f"{m}: FAILED ({msg})")
@@ -299,6 +319,10 @@ def _plot(report: dict) -> None:
 
     fig = lds_distribution({m: r["lds_per_query"] for m, r in report["methods"].items()
                             if r["status"] == "ok"})
+    st = report["setting"]
+    fig.update_layout(title=f"LDS on the demo setting: {st['n_queries']} queries, {st['n_subsets']} "
+                            f"models retrained on {100 * st['fraction']:.0f}% subsets of "
+                            f"{st['pool']['n']} documents")
     try:
         fig.write_image(RESULTS / "lds.png", width=900, height=500)
     except Exception as e:  # kaleido/chrome missing: keep the interactive html only

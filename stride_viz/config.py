@@ -58,7 +58,7 @@ class FitConfig:
                              "(fast, the default); 'residual': they add a low-rank shift to the "
                              "residual stream at the steering layer.")
     seed: int = _f(0, "Seed of the subset design, the initialisation and the batch order.")
-    epochs: float = _f(4.0, "Passes over the pool during operator training.")
+    epochs: float = _f(3.0, "Passes over the pool during operator training.")
     batch_size: int = _f(32, "Training examples per optimisation step.")
     lr: float = _f(1e-2, "AdamW learning rate of the operators and the basis.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")

@@ -143,7 +143,7 @@ def build_cache(lm: FrozenLM, enc: Encoded, mode: str, batch_size: int = 32,
                      torch.cat(low).to(device) if low else None)
 
 
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one training step: depends on (seed, step) only, so resuming replays it."""
     g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1))
