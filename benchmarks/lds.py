@@ -206,8 +206,10 @@ def run_one_method(method: str) -> None:
         from stride_viz.models import load_model
 
         lm = load_model(str(MODEL_DIR), device="cpu")
+        # e.g. LDS_PEER_SETTINGS='{"if-arnoldi": {"precompute_data_ratio": 0.1}}'
+        over = json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(method)
         res = run_method(method, lm.model, lm.tokenizer, pool, queries,
-                         max_length=meta["recipe"]["max_length"])
+                         max_length=meta["recipe"]["max_length"], settings=over)
         out = {"scores": res.scores, **res.summary()}
     SCORES.mkdir(parents=True, exist_ok=True)
     np.save(SCORES / f"{method}.npy", out.pop("scores"))
@@ -229,6 +231,9 @@ def step_methods(methods, force: bool = False, timeout: float = 3600) -> None:
             errs = [ln for ln in err if ("Error" in ln or "Exception" in ln or "Failed" in ln)
                     and not ln.startswith(" ")]
             msg = (errs or err or [f"exit code {proc.returncode}"])[-1]
+            if proc.returncode == -9 and not errs:
+                msg = ("killed by signal 9 (on this machine: the kernel's out-of-memory killer; "
+                       "see dmesg)")
             (SCORES / f"{m}.stderr.txt").parent.mkdir(parents=True, exist_ok=True)
             (SCORES / f"{m}.stderr.txt").write_text(proc.stderr[-20000:])
             SCORES.mkdir(parents=True, exist_ok=True)
