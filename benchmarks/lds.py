@@ -223,8 +223,14 @@ def step_methods(methods, force: bool = False, timeout: float = 3600) -> None:
             continue
         _log(f"{m}: running")
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, __file__, "--worker", m], timeout=timeout,
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--worker", m], timeout=timeout,
+                                  capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            SCORES.mkdir(parents=True, exist_ok=True)
+            (SCORES / f"{m}.failed").write_text(f"timeout: did not finish within {timeout:.0f} s\n")
+            _log(f"{m}: TIMEOUT after {timeout:.0f} s")
+            continue
         if proc.returncode != 0:
             err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             # the exception line, not a progress bar printed after it

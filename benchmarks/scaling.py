@@ -124,7 +124,12 @@ def main() -> None:
                 if proc.returncode == 0 and lines:
                     row = {"size": size, "method": m, "status": "ok", **json.loads(lines[-1][7:])}
                 else:
-                    err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+                    lines_err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+                    errs = [ln for ln in lines_err if ("Error" in ln or "Exception" in ln)
+                            and not ln.startswith(" ")]
+                    err = (errs or lines_err or [f"exit code {proc.returncode}"])[-1]
+                    if proc.returncode == -9 and not errs:
+                        err = "killed by signal 9 (the kernel's out-of-memory killer on this machine)"
                     row = {"size": size, "method": m, "status": "failed", "error": err[:300]}
             except subprocess.TimeoutExpired:
                 row = {"size": size, "method": m, "status": "timeout",
