@@ -64,6 +64,12 @@ class SteeringOperators(nn.Module):
         flat = z.reshape(z.shape[0], -1, z.shape[-1])
         return torch.bmm(flat, A).reshape(*z.shape[:-1], A.shape[-1]) * self.scale(h)
 
+    def shift_rows(self, h: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+        """Shift of each of the operators ``ops[b]`` on ``h[b]``: h (B, T, D), ops (B, c) ->
+        (B, c, T, out) (how training steers an example with several operators at once)."""
+        shift = torch.einsum("btr,bcro->bcto", self.features(h), self.A[ops])
+        return shift * (self.scale(h).unsqueeze(1) if self.rms_scale else 1.0)
+
     def shift_all(self, h: torch.Tensor, ops: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Shift of every operator (or of ``ops``) on the same h: (..., D) -> (K, ..., out)."""
         z = self.features(h)

@@ -212,19 +212,14 @@ class Trainer:
             ids, att, msk, tgt, final = self.cache.padded_scored(
                 examples, self.config.tokens_per_example if gen is not None else None, gen)
             base = self.lm.logits(final)                                      # (B, T, V)
-            z = self.operators.features(final)                                # (B, T, r)
-            steered = [base.unsqueeze(1) + torch.einsum("btr,bcrv->bctv", z, self.operators.A[ops])
-                       for ops in op_groups]
+            steered = [base.unsqueeze(1) + self.operators.shift_rows(final, ops) for ops in op_groups]
             return steered, base, tgt, msk
         ids, att, msk, tgt, lower = self.cache.padded(examples, "lower")      # (B, T, ...)
         B, T = ids.shape
-        z = self.operators.features(lower)
-        scale = self.operators.scale(lower).unsqueeze(1)
         steered = []
         for ops in op_groups:
             c = ops.shape[1]
-            shift = torch.einsum("btr,bcrd->bctd", z, self.operators.A[ops]) * scale
-            h = (lower.unsqueeze(1) + shift).reshape(B * c, T, -1)
+            h = (lower.unsqueeze(1) + self.operators.shift_rows(lower, ops)).reshape(B * c, T, -1)
             final = self.lm.upper_hidden(h, ids.repeat_interleave(c, 0), att.repeat_interleave(c, 0))
             steered.append(self.lm.logits(final).view(B, c, T, -1))
         base = self.lm.logits(self.cache.padded(examples, "final")[4])
