@@ -92,7 +92,9 @@ def main() -> None:
                                 "load_average_at_start": __import__("os").getloadavg()},
                     "started": time.ctime(), "scaling_epochs": a.epochs}
     if "quality" in a.only:
-        result["quality_defaults"] = _child(["3115", "512", "0", "0"])
+        from stride_viz.config import FitConfig
+
+        result["quality_defaults"] = _child(["3115", str(FitConfig().subsets), "0", "0"])
     if "pool" in a.only:
         result["pool_scaling"] = [_child([str(n), "512", str(a.epochs), "5"]) for n in pools]
     if "subsets" in a.only:

@@ -298,6 +298,8 @@ def step_report() -> dict:
                     "machine": "2 shared CPU cores, torch threads 1 per method"},
         "ground_truth": str(GT_DIR.relative_to(ROOT)),
         "methods": methods,
+        "target": target_check(methods),
+        "ablation": ablation_table(methods),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lds.json").write_text(json.dumps(report, indent=1))
@@ -310,6 +312,54 @@ def step_report() -> dict:
         else:
             _log(f"{m:11s} FAILED: {r['error']}")
     return report
+
+
+PEERS = ("trak", "tracin", "logra", "if-arnoldi", "ekfac")
+
+
+def paired_difference(a: list, b: list) -> dict:
+    """Mean of the per-query differences a - b and its standard error (queries paired)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(d.size))}
+
+
+def target_check(methods: dict) -> dict:
+    """STRIDE (defaults) against the best peer library method by mean LDS."""
+    peers = {m: r for m, r in methods.items() if m in PEERS and r["status"] == "ok"}
+    stride = methods.get("stride")
+    if not peers or not stride or stride["status"] != "ok":
+        return {}
+    best = max(peers, key=lambda m: peers[m]["lds_mean"])
+    diff = paired_difference(stride["lds_per_query"], peers[best]["lds_per_query"])
+    return {"best_peer": best, "best_peer_lds": peers[best]["lds_mean"],
+            "stride_lds": stride["lds_mean"], "stride_minus_best_peer": diff,
+            "target": "stride_lds >= best_peer_lds", "met": stride["lds_mean"] >= peers[best]["lds_mean"]}
+
+
+def ablation_table(methods: dict) -> list[dict]:
+    """Every STRIDE variant: how its recorded settings differ from today's defaults, its LDS,
+    and its paired difference to the defaults' LDS."""
+    from stride_viz.config import FitConfig, RecoveryConfig
+
+    base_fit, base_rec = FitConfig().to_dict(), RecoveryConfig().to_dict()
+    ref = methods.get("stride")
+    rows = []
+    for m, r in methods.items():
+        if not m.startswith("stride") or r["status"] != "ok":
+            continue
+        fit, rec = r["settings"].get("fit", {}), r["settings"].get("recovery", {})
+        changes = {k: v for k, v in fit.items() if k != "device" and base_fit.get(k) != v}
+        changes.update({f"recovery.{k}": v for k, v in rec.items() if base_rec.get(k) != v})
+        if m == "stride:backprojection":
+            changes["recovery"] = "back-projection instead of the Lasso"
+        row = {"method": m, "changes_from_defaults": changes, "lds_mean": r["lds_mean"],
+               "lds_std": r["lds_std"], "lds_mean_heldout": r["lds_mean_heldout"],
+               "lds_mean_facts": r["lds_mean_facts"], "seconds_fit": r["seconds_fit"],
+               "seconds_per_query": r["seconds_per_query"]}
+        if ref and ref["status"] == "ok" and m != "stride":
+            row["minus_defaults"] = paired_difference(r["lds_per_query"], ref["lds_per_query"])
+        rows.append(row)
+    return sorted(rows, key=lambda row: -row["lds_mean"])
 
 
 def _settings_of(m: str) -> dict:
@@ -328,8 +378,9 @@ def _read_float(path: Path):
 def _plot(report: dict) -> None:
     from stride_viz.eval_plots import lds_distribution
 
+    # the methods, not every ablation variant (those are in report["ablation"])
     fig = lds_distribution({m: r["lds_per_query"] for m, r in report["methods"].items()
-                            if r["status"] == "ok"})
+                            if r["status"] == "ok" and m in ALL_METHODS})
     st = report["setting"]
     fig.update_layout(title=f"LDS on the demo setting: {st['n_queries']} queries, {st['n_subsets']} "
                             f"models retrained on {100 * st['fraction']:.0f}% subsets of "

@@ -97,8 +97,16 @@ if len(gt.train_subsets) < meta.get("n_subsets", 0):
 report = _report_for(str(gt_dir), _stamp(gt_dir.parent / "lds.json"))
 methods: dict[str, np.ndarray] = {}      # name -> scores (n_queries, n_pool)
 table: dict[str, dict] = {}
+variants = [m for m in (report or {}).get("methods", {}) if m.startswith("stride:")]
+with st.sidebar:
+    show_variants = st.toggle(f"Show STRIDE ablation variants ({len(variants)})", value=False,
+                              key="eval_variants", disabled=not variants,
+                              help="Other STRIDE settings measured on this ground truth (the "
+                                   "report's 'ablation' lists how each differs from the defaults).")
 if report:
     for m, r in report["methods"].items():
+        if m in variants and not show_variants:
+            continue
         table[m] = r
         f = ROOT / r.get("scores_file", "")
         if r.get("status") == "ok" and f.is_file():

@@ -96,22 +96,33 @@ def prediction_scatter(predicted: np.ndarray, losses: np.ndarray, *, method: str
 
 
 def scaling_figure(rows: Sequence[dict]) -> go.Figure:
-    """Time against model size. rows: {"method", "n_params", "seconds_fit", "seconds_per_query"};
-    solid lines: one-off time, dotted: per-query time (log-log)."""
+    """Time against model size. rows: {"method", "n_params", "status", "seconds_fit",
+    "seconds_per_query"} (status "timeout" rows: {"limit"} instead of times); solid lines:
+    one-off time, dotted: per-query time, triangles: ran out of time at the limit (log-log)."""
     names = sorted({r["method"] for r in rows})
     fig = go.Figure()
     for m in names:
         rs = sorted((r for r in rows if r["method"] == m and r.get("status", "ok") == "ok"),
                     key=lambda r: r["n_params"])
-        if not rs:
-            continue
-        x = [r["n_params"] for r in rs]
         color = method_color(m, names)
-        fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_fit"], 1e-3) for r in rs], mode="lines+markers",
-                                 name=f"{m} one-off", line=dict(color=color)))
-        fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_per_query"], 1e-4) for r in rs],
-                                 mode="lines+markers", name=f"{m} per query",
-                                 line=dict(color=color, dash="dot")))
+        x = [r["n_params"] for r in rs]
+        if rs:
+            fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_fit"], 1e-3) for r in rs],
+                                     mode="lines+markers", name=f"{m} one-off", line=dict(color=color)))
+            fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_per_query"], 1e-4) for r in rs],
+                                     mode="lines+markers", name=f"{m} per query",
+                                     line=dict(color=color, dash="dot")))
+        # ran out of time: its one-off part took at least the limit (a lower bound)
+        out = sorted((r for r in rows if r["method"] == m and r.get("status") == "timeout"
+                      and r.get("n_params") and r.get("limit")), key=lambda r: r["n_params"])
+        if out:
+            nudge = 1.04 ** (names.index(m) - len(names) / 2)   # methods out at one size stay apart
+            fig.add_trace(go.Scatter(
+                x=[r["n_params"] * nudge for r in out], y=[r["limit"] for r in out], mode="markers",
+                name=f"{m}: out of time", marker=dict(color=color, symbol="triangle-up", size=12),
+                customdata=[r["n_params"] for r in out],
+                hovertemplate="%{customdata:.3s} parameters: did not finish within %{y:.0f} s<extra>"
+                              + m + "</extra>"))
     fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="model parameters",
                       yaxis_title="wall time (s, 2 shared CPU cores)", height=480,
                       margin=dict(l=10, r=10, t=30, b=40))

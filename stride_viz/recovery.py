@@ -327,7 +327,11 @@ class Recoverer:
                                 f"least {2 * config.cv_folds} subsets (rows of the membership "
                                 f"matrix). Got K = {k}: lower cv_folds in RecoveryConfig.")
         self.k, self.n = k, n
-        self.max_nonzero = config.max_nonzero if config.max_nonzero is not None else max(1, k // 2)
+        # default: half of the measurements (beyond that the fit interpolates noise) or half of
+        # the examples, whichever is fewer (past that the scores are no longer sparse, and on a
+        # small pool with K > n the path would run to its end at several times the cost)
+        self.max_nonzero = (config.max_nonzero if config.max_nonzero is not None
+                            else max(1, min(k, n) // 2))
         # Folds over operators: a seeded permutation of the rows, cut into near-equal parts.
         perm = np.random.default_rng(config.seed).permutation(k)
         self.folds = [np.sort(f) for f in np.array_split(perm, config.cv_folds)]

@@ -87,8 +87,12 @@ def test_same_seed_same_operators_other_seed_differs(tmp_path, tiny_model, tiny_
 
 @pytest.mark.parametrize("mode", ["logits", "residual"])
 def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, tiny_model, tiny_pool, mode):
-    kw = dict(mode=mode, epochs=2, checkpoint_every=3)
+    # with the stability loss on (off by default), so its random outside draws resume too
+    kw = dict(mode=mode, epochs=2, checkpoint_every=3, stability_weight=1.0)
     whole = _fit(tmp_path, tiny_model, tiny_pool, "whole", **kw)
+    import json
+    hist = json.loads((whole.store.fit_dir / "state.json").read_text())["history"]
+    assert all(h["stab"] >= 0 for h in hist) and max(h["stab"] for h in hist) > 0
     cfg = FitConfig(**{**TINY_FIT, **kw})
     run = Stride.create_or_open(tmp_path / "killed", tiny_model, tiny_pool, cfg)
     calls = iter(range(1000))

@@ -136,6 +136,9 @@ def test_figures_are_built_from_arrays():
     rows = [{"method": "x", "n_params": p, "seconds_fit": p / 1e3, "seconds_per_query": 0.1}
             for p in (1e5, 1e6)]
     assert len(eval_plots.scaling_figure(rows).data) == 2
+    rows.append({"method": "y", "n_params": 1e6, "status": "timeout", "limit": 600})
+    fig = eval_plots.scaling_figure(rows)
+    assert [t.name for t in fig.data][-1] == "y: out of time" and list(fig.data[-1].y) == [600]
 
 
 def test_evaluate_page_reads_a_ground_truth_and_report(tmp_path, monkeypatch):
@@ -151,7 +154,8 @@ def test_evaluate_page_reads_a_ground_truth_and_report(tmp_path, monkeypatch):
     report = {"ground_truth": "toy", "setting": {"machine": "test"}, "methods": {
         m: {"status": "ok", "scores_file": str(tmp_path / f"{m}.npy"), "lds_mean": 0, "lds_std": 0,
             "seconds_fit": 1.0, "seconds_per_query": 0.1, "peak_rss_mb": 10.0}
-        for m in ("good", "bad")}}
+        for m in ("good", "bad", "stride:variant")}}
+    np.save(tmp_path / "stride:variant.npy", (0.5 * w).astype(np.float32))
     (tmp_path / "ground_truth" / "lds.json").write_text(json.dumps(report))
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path))
     root = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -167,6 +171,8 @@ def test_evaluate_page_reads_a_ground_truth_and_report(tmp_path, monkeypatch):
     assert table["LDS mean"].iloc[0] > 0.8 and table["LDS mean"].iloc[1] < -0.8
     at.selectbox(key="eval_method").set_value("bad").run()
     assert not at.exception
+    at.toggle(key="eval_variants").set_value(True).run()      # ablation variants on request
+    assert not at.exception and "stride:variant" in list(at.dataframe[0].value["method"])
 
 
 # ------------------------------------------------------------------ retraining ground truth

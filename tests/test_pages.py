@@ -92,7 +92,7 @@ def test_launch_reports_bad_fields_and_launches_nothing(home):
     assert at.button(key="launch_submit") and at.button(key="launch_demo")
     assert at.selectbox(key="rec_selection").value == "cv"
     assert at.number_input(key="fit_subsets").help.startswith("K: number of random training subsets")
-    assert at.number_input(key="fit_subsets").value == 512 and at.selectbox(key="fit_mode").value == "logits"
+    assert at.number_input(key="fit_subsets").value == 1024 and at.selectbox(key="fit_mode").value == "logits"
     at.radio(key="launch_model_kind").set_value("Local folder").run()
     at.text_input(key="launch_model_path").set_value(str(home / "no_such_model")).run()
     at.number_input(key="fit_subsets").set_value(1).run()
