@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stride_viz import evaluation as ev  # noqa: E402
-from stride_viz.baselines import METHODS  # noqa: E402
+from stride_viz.baselines import GRADIENT_METHODS, METHODS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work"
@@ -314,9 +314,6 @@ def step_report() -> dict:
     return report
 
 
-PEERS = ("trak", "tracin", "logra", "if-arnoldi", "ekfac")
-
-
 def paired_difference(a: list, b: list) -> dict:
     """Mean of the per-query differences a - b and its standard error (queries paired)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -325,7 +322,7 @@ def paired_difference(a: list, b: list) -> dict:
 
 def target_check(methods: dict) -> dict:
     """STRIDE (defaults) against the best peer library method by mean LDS."""
-    peers = {m: r for m, r in methods.items() if m in PEERS and r["status"] == "ok"}
+    peers = {m: r for m, r in methods.items() if m in GRADIENT_METHODS and r["status"] == "ok"}
     stride = methods.get("stride")
     if not peers or not stride or stride["status"] != "ok":
         return {}

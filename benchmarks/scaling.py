@@ -101,9 +101,6 @@ def worker(size: str, method: str, n_pool: int) -> dict:
     return {"n_params": n_params, **res.summary()}
 
 
-GRADIENT_PEERS = ("trak", "tracin", "logra", "ekfac", "if-arnoldi")
-
-
 def _out_of_budget(row: dict, limit: float) -> bool:
     """Ran out of time (with at least this limit) or of memory."""
     if row["status"] == "timeout":
@@ -128,7 +125,9 @@ def target_check(rows: list[dict], limit: float, n_queries: int) -> dict:
     size = order[-1]
     stride = total_seconds(by_size[size]["stride"], n_queries)
     peers = {}
-    for m in GRADIENT_PEERS:
+    from stride_viz.baselines import GRADIENT_METHODS
+
+    for m in GRADIENT_METHODS:
         r = by_size[size].get(m)
         if r is None:
             continue
