@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8501
 
-.PHONY: run test setup demo bench clean
+.PHONY: run test setup browser demo bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,11 @@ run: $(STAMP)
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
 		--server.headless true --browser.gatherUsageStats false
 
-test: $(STAMP)
+# the browser test needs Debian's chromium + chromium-driver: installed here when missing
+browser:
+	bash scripts/ensure_browser.sh
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from stride_viz import ui
+from stride_viz.app import ui
 
 ui.page_setup("Home")
 

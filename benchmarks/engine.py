@@ -32,8 +32,8 @@ def _measure(pool_size: int, subsets: int, epochs: float | None, queries: int) -
     from stride_viz.config import FitConfig
     from stride_viz.demo import fact_metrics
     from stride_viz.engine import Stride
-    from stride_viz.models import load_model
-    from stride_viz.pools import fact_queries, load_pool, make_pool
+    from stride_viz.data.models import load_model
+    from stride_viz.data.pools import fact_queries, load_pool, make_pool
 
     if pool_size <= 3115:
         pool = load_pool("fortunes+facts", limit=pool_size)

@@ -7,8 +7,8 @@ One command builds (or reuses) everything, in steps that each skip what is alrea
    byte-level BPE tokenizer and the training recipe -> a ground-truth directory;
 2. model: the GPT-2 trained from scratch on the whole pool with that recipe;
 3. retrain: the ground truth, >=64 models retrained on random 30% subsets (resumable; more
-   processes can help: ``python -m stride_viz.retrain GT_DIR --shard 1/2``);
-4. methods: every peer in ``stride_viz.baselines`` and STRIDE (engine defaults), one process
+   processes can help: ``python -m stride_viz.evaluation.retrain GT_DIR --shard 1/2``);
+4. methods: every peer in ``stride_viz.evaluation.baselines`` and STRIDE (engine defaults), one process
    per method so that peak memory is per method; scores saved as .npy;
 5. report: ``benchmarks/results/lds.json`` and ``benchmarks/results/lds.png``.
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stride_viz import evaluation as ev  # noqa: E402
-from stride_viz.baselines import GRADIENT_METHODS, METHODS  # noqa: E402
+from stride_viz.evaluation.baselines import GRADIENT_METHODS, METHODS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work"
@@ -61,7 +61,7 @@ def _log(msg: str) -> None:
 def build_inputs(seed: int = 0):
     """(pool, queries): fortunes+facts minus N_HELDOUT fortunes; those fortunes (prompt = the
     first three words, completion = the rest) and the fact queries are the queries."""
-    from stride_viz.pools import Query, fact_queries, load_pool
+    from stride_viz.data.pools import Query, fact_queries, load_pool
 
     full = load_pool("fortunes+facts")
     sources = {s for f in full.facts for s in f.source_ids}
@@ -79,8 +79,8 @@ def build_inputs(seed: int = 0):
 
 
 def step_prepare() -> None:
-    from stride_viz.models import train_tokenizer
-    from stride_viz.retrain import prepare
+    from stride_viz.data.models import train_tokenizer
+    from stride_viz.evaluation.retrain import prepare
 
     if (GT_DIR / "metadata.json").exists():
         _log(f"ground truth prepared already: {GT_DIR}")
@@ -92,7 +92,7 @@ def step_prepare() -> None:
 
 
 def step_model() -> None:
-    from stride_viz.retrain import open_inputs, train_recipe
+    from stride_viz.evaluation.retrain import open_inputs, train_recipe
 
     if (MODEL_DIR / "config.json").exists():
         _log(f"model exists: {MODEL_DIR}")
@@ -109,7 +109,7 @@ def step_model() -> None:
 
 def step_retrain() -> None:
     from stride_viz.progress import print_progress
-    from stride_viz.retrain import fill
+    from stride_viz.evaluation.retrain import fill
 
     fill(GT_DIR, (0, 1), progress=print_progress)
 
@@ -132,7 +132,7 @@ def _fit_query(q, tokenizer, max_tokens: int):
     """The query as the ground truth scored it: texts longer than the model's context were cut
     to ``max_tokens`` tokens (BOS included) there, so cut the completion the same way here
     (the engine refuses over-long queries instead of cutting them)."""
-    from stride_viz.pools import Query
+    from stride_viz.data.pools import Query
 
     p = tokenizer(q.prompt, add_special_tokens=False)["input_ids"] if q.prompt else []
     c = tokenizer(q.completion, add_special_tokens=False)["input_ids"]
@@ -144,11 +144,11 @@ def _fit_query(q, tokenizer, max_tokens: int):
 
 def _stride_scores(method: str) -> dict:
     """STRIDE (engine defaults, or an ablation variant): fit (one-off), then every query."""
-    from stride_viz.baselines import PeakRss
+    from stride_viz.evaluation.baselines import PeakRss
     from stride_viz.config import FitConfig, RecoveryConfig
     from stride_viz.engine import Stride
-    from stride_viz.models import load_model
-    from stride_viz.retrain import open_inputs
+    from stride_viz.data.models import load_model
+    from stride_viz.evaluation.retrain import open_inputs
 
     import hashlib
 
@@ -194,7 +194,7 @@ def run_one_method(method: str) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("LDS_THREADS", "1")))
-    from stride_viz.retrain import open_inputs
+    from stride_viz.evaluation.retrain import open_inputs
 
     meta, pool, queries, _ = open_inputs(GT_DIR)
     if method == "stride:backprojection":
@@ -202,8 +202,8 @@ def run_one_method(method: str) -> None:
     elif method.startswith("stride"):
         out = _stride_scores(method)
     else:
-        from stride_viz.baselines import run_method
-        from stride_viz.models import load_model
+        from stride_viz.evaluation.baselines import run_method
+        from stride_viz.data.models import load_model
 
         lm = load_model(str(MODEL_DIR), device="cpu")
         # e.g. LDS_PEER_SETTINGS='{"if-arnoldi": {"precompute_data_ratio": 0.1}}'
@@ -254,10 +254,10 @@ def step_report() -> dict:
     gt = ev.read_ground_truth(GT_DIR)
     meta = gt.metadata
     queries = meta["queries"]
-    from stride_viz.retrain import open_inputs
+    from stride_viz.evaluation.retrain import open_inputs
 
     _, pool, _, _ = open_inputs(GT_DIR)
-    from stride_viz.pools import load_pool
+    from stride_viz.data.pools import load_pool
 
     # planted facts: relevant pool indices of each fact query (by id, through the full pool)
     facts = {f.query.id: f.source_ids for f in load_pool("fortunes+facts").facts}
@@ -360,7 +360,7 @@ def ablation_table(methods: dict) -> list[dict]:
 
 
 def _settings_of(m: str) -> dict:
-    from stride_viz.baselines import default_settings
+    from stride_viz.evaluation.baselines import default_settings
 
     return {} if m.startswith("stride") else default_settings(m)
 
@@ -373,7 +373,7 @@ def _read_float(path: Path):
 
 
 def _plot(report: dict) -> None:
-    from stride_viz.eval_plots import lds_distribution
+    from stride_viz.app.eval_plots import lds_distribution
 
     # the methods, not every ablation variant (those are in report["ablation"])
     fig = lds_distribution({m: r["lds_per_query"] for m, r in report["methods"].items()

@@ -1,4 +1,4 @@
-"""Benchmark of stage 4 (stride_viz/recovery.py): speed and quality of the per-query Lasso.
+"""Benchmark of stage 4 (stride_viz/method/recovery.py): speed and quality of the per-query Lasso.
 
 Planted problems: M is a left-d-regular design (every example in exactly d distinct random
 subsets), w has `support` non-zeros of mixed sign (|w_i| in [0.5, 1.5]), y = 2 + M w + noise,
@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stride_viz.config import RecoveryConfig  # noqa: E402
-from stride_viz.recovery import Recoverer  # noqa: E402
+from stride_viz.method.recovery import Recoverer  # noqa: E402
 
 
 def planted_design(k: int, n: int, d: int, rng: np.random.Generator) -> sp.csr_matrix:

@@ -6,7 +6,7 @@ times, on GPT-2s of increasing size (random weights: the cost does not depend on
 small pool and a few queries:
 
 - one-off: STRIDE's operator fit (engine defaults, ``FitConfig()``); the peers' caching of
-  gradients / factors (see ``stride_viz.baselines``);
+  gradients / factors (see ``stride_viz.evaluation.baselines``);
 - per query: STRIDE's responses + sparse recovery; the peers' attribute call, amortised over
   the queries (for TracIn and the IFs that recompute a pass over the pool per call, this part
   is the whole pass: see ``per_query_recomputes_pool_pass`` in the results).
@@ -48,7 +48,7 @@ METHODS = ("stride", "random", "tfidf", "repsim", "trak", "tracin", "logra", "ek
 
 def _inputs(n_pool: int = N_POOL):
     """The first ``n_pool`` documents of the benchmark pool and N_QUERIES of its queries."""
-    from stride_viz.retrain import open_inputs
+    from stride_viz.evaluation.retrain import open_inputs
 
     _, pool, queries, tok = open_inputs(ROOT / "benchmarks" / "results" / "lds_ground_truth")
     return pool.subset(range(n_pool)), queries[:N_QUERIES], tok
@@ -76,8 +76,8 @@ def worker(size: str, method: str, n_pool: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from stride_viz.baselines import PeakRss, run_method
-    from stride_viz.models import load_model
+    from stride_viz.evaluation.baselines import PeakRss, run_method
+    from stride_viz.data.models import load_model
 
     pool, queries, _ = _inputs(n_pool)
     lm = load_model(str(_model_dir(size)), device="cpu")
@@ -125,7 +125,7 @@ def target_check(rows: list[dict], limit: float, n_queries: int) -> dict:
     size = order[-1]
     stride = total_seconds(by_size[size]["stride"], n_queries)
     peers = {}
-    from stride_viz.baselines import GRADIENT_METHODS
+    from stride_viz.evaluation.baselines import GRADIENT_METHODS
 
     for m in GRADIENT_METHODS:
         r = by_size[size].get(m)
@@ -221,7 +221,7 @@ def main() -> None:
                   + (f"fit {row['seconds_fit']:.1f}s per query {row['seconds_per_query']:.3f}s"
                      if row["status"] == "ok" else row["error"]), file=sys.stderr, flush=True)
             _write(out_file, rows, a)
-    from stride_viz.eval_plots import scaling_figure
+    from stride_viz.app.eval_plots import scaling_figure
 
     sizes = {}
     for r in rows:  # a failed row has no n_params: take it from a sibling

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from stride_viz import ui
+from stride_viz.app import ui
 from stride_viz.config import ConfigError, FitConfig, RecoveryConfig, help_of
 from stride_viz.jobs import JobError
 from stride_viz.jobs.kinds import check_model_spec, check_pool_spec
-from stride_viz.models import DEMO_PRESETS, data_home
-from stride_viz.pools import PoolError, builtin_pools, load_pool
+from stride_viz.data.models import DEMO_PRESETS, data_home
+from stride_viz.data.pools import PoolError, builtin_pools, load_pool
 
 ui.page_setup("Launch")
 st.title("Launch an attribution")

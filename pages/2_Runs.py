@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from stride_viz import ui
+from stride_viz.app import ui
 from stride_viz.jobs import ACTIVE_STATES
 
 ui.page_setup("Runs")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from stride_viz import plots, ui
+from stride_viz.app import plots, ui
 from stride_viz.jobs import JobError
-from stride_viz.report import build_report, fact_sources, ranks_of, top_table
+from stride_viz.app.report import build_report, fact_sources, ranks_of, top_table
 
 ui.page_setup("Explore")
 st.title("Explore an attribution")

@@ -1,7 +1,7 @@
 """Evaluate: how far to trust an attribution, measured against models really retrained.
 
 Reads files only: a ground-truth directory (models retrained on random subsets of the pool,
-``python -m stride_viz.retrain``), the LDS report of ``benchmarks/lds.py`` with every method's
+``python -m stride_viz.evaluation.retrain``), the LDS report of ``benchmarks/lds.py`` with every method's
 saved scores, and optionally a STRIDE run on the same pool. Nothing is trained or scored here.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from stride_viz import eval_plots, evaluation, ui
-from stride_viz.models import data_home
+from stride_viz.app import eval_plots, ui
+from stride_viz.evaluation import metrics as evaluation
+from stride_viz.data.models import data_home
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,7 @@ gts = _ground_truths()
 if not gts:
     st.info("No ground truth found. Build the benchmark's with `python benchmarks/lds.py` (it "
             "retrains the demo model on 64 subsets: about half an hour on a laptop CPU), or "
-            "your own with `python -m stride_viz.retrain`.")
+            "your own with `python -m stride_viz.evaluation.retrain`.")
     st.stop()
 
 with st.sidebar:

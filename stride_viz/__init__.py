@@ -3,10 +3,15 @@
 STRIDE training-data attribution as a library (this package), a CLI (``python -m
 stride_viz``) and a Streamlit dashboard (``app.py``). The pipeline, one module per stage:
 
-    pools, models  ->  subsets  ->  operators + training  ->  measurement  ->  recovery
-                                     (fit once: engine.Stride.fit)     (per query: .attribute)
+    data/ (pools, models)  ->  method/subsets  ->  method/operators + training  ->
+    method/measurement  ->  method/recovery        (engine.Stride: .fit once, .attribute per query)
 
-Names are imported lazily so that ``import stride_viz.plots`` (the dashboard) does not load
+Packages by concern: ``method/`` the four STRIDE stages, ``data/`` pools, facts,
+tokenisation and models, ``evaluation/`` LDS, retraining and the peer methods, ``app/`` the
+dashboard's helpers, figures and report, ``jobs/`` background work. ``engine`` (the facade),
+``storage`` (run folders), ``config`` and ``cli`` sit at the root.
+
+Names are imported lazily so that ``import stride_viz.app.plots`` (the dashboard) does not load
 torch and transformers.
 """
 from __future__ import annotations
@@ -17,8 +22,9 @@ from typing import Any
 __all__ = ["FitConfig", "RecoveryConfig", "Pool", "Query", "load_pool", "load_queries",
            "load_model", "Stride", "Attribution", "read_attribution"]
 
-_WHERE = {"FitConfig": "config", "RecoveryConfig": "config", "Pool": "pools", "Query": "pools",
-          "load_pool": "pools", "load_queries": "pools", "load_model": "models",
+_WHERE = {"FitConfig": "config", "RecoveryConfig": "config", "Pool": "data.pools",
+          "Query": "data.pools", "load_pool": "data.pools", "load_queries": "data.pools",
+          "load_model": "data.models",
           "Stride": "engine", "Attribution": "engine", "read_attribution": "engine"}
 
 

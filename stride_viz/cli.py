@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import ConfigError, FitConfig, RecoveryConfig, help_of
-from .progress import Cancelled, print_progress
+from stride_viz.config import ConfigError, FitConfig, RecoveryConfig, help_of
+from stride_viz.progress import Cancelled, print_progress
 
 __all__ = ["main", "build_parser"]
 
@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- commands
 def _train_model(args: argparse.Namespace) -> None:
-    from .models import train_demo_model
-    from .pools import load_pool
+    from stride_viz.data.models import train_demo_model
+    from stride_viz.data.pools import load_pool
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new folder so that "
@@ -103,9 +103,9 @@ def _train_model(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from .engine import Stride
-    from .models import load_model
-    from .pools import load_pool
+    from stride_viz.engine import Stride
+    from stride_viz.data.models import load_model
+    from stride_viz.data.pools import load_pool
     config = _config_from(args, FitConfig, _FIT_FLAGS)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1. Got {args.limit} instead.")
@@ -117,7 +117,7 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _queries_from(args: argparse.Namespace):
-    from .pools import Query, load_queries
+    from stride_viz.data.pools import Query, load_queries
     if args.queries:
         return load_queries(args.queries)
     if args.completion is not None and args.completion == "":
@@ -149,7 +149,7 @@ def write_outputs(out: Path, run, attributions, top: int) -> None:
 
 
 def _attribute(args: argparse.Namespace) -> None:
-    from .engine import Stride
+    from stride_viz.engine import Stride
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1. Got {args.top} instead.")
     recovery = _config_from(args, RecoveryConfig, _RECOVERY_FLAGS)
@@ -174,7 +174,7 @@ def _print_top(run, attributions, n: int) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from stride_viz.demo import run_demo
     config = _config_from(args, FitConfig, _FIT_FLAGS)
     run_demo(preset=args.preset, config=config, run_dir=args.run, n_queries=args.queries,
              progress=print_progress, echo=print)
@@ -182,10 +182,10 @@ def _demo(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------- entry point
 def _user_errors() -> tuple[type, ...]:
-    from .engine import QueryError, RunMismatch
-    from .models import ModelError
-    from .pools import PoolError
-    from .recovery import RecoveryError
+    from stride_viz.engine import QueryError, RunMismatch
+    from stride_viz.data.models import ModelError
+    from stride_viz.data.pools import PoolError
+    from stride_viz.method.recovery import RecoveryError
     return (ConfigError, PoolError, ModelError, QueryError, RunMismatch, RecoveryError,
             FileNotFoundError, NotADirectoryError)
 

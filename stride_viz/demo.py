@@ -12,13 +12,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .config import FitConfig, RecoveryConfig
-from .engine import Attribution, QueryError, Stride
-from .evaluation import mrr, recall_at_k
-from .models import data_home, load_model
-from .pools import Pool, Query, fact_queries, load_pool
-from .progress import no_progress
-from .storage import write_json
+from stride_viz.config import FitConfig, RecoveryConfig
+from stride_viz.engine import Attribution, QueryError, Stride
+from stride_viz.evaluation.metrics import mrr, recall_at_k
+from stride_viz.data.models import data_home, load_model
+from stride_viz.data.pools import Pool, Query, fact_queries, load_pool
+from stride_viz.progress import no_progress
+from stride_viz.storage import write_json
 
 __all__ = ["run_demo", "DEMO_POOL", "FREE_PROMPT", "fact_metrics", "default_run_dir"]
 

@@ -22,17 +22,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, FitConfig, RecoveryConfig
-from .measurement import QueryResponses, generate, measure
-from .models import LoadedModel, load_model
-from .operators import FrozenLM, SteeringOperators
-from .pools import Pool, Query
-from .progress import StageTimer, no_progress
-from .recovery import Recoverer, Recovery, load_recovery, save_recovery
-from .storage import RunMismatch, RunStore, read_json, write_json
-from .subsets import design_subsets
-from .tokenize import encode
-from .training import Trainer, build_cache
+from stride_viz.config import ConfigError, FitConfig, RecoveryConfig
+from stride_viz.method.measurement import QueryResponses, generate, measure
+from stride_viz.data.models import LoadedModel, load_model
+from stride_viz.method.frozen import FrozenLM
+from stride_viz.method.operators import SteeringOperators
+from stride_viz.data.pools import Pool, Query
+from stride_viz.progress import StageTimer, no_progress
+from stride_viz.method.recovery import Recoverer, Recovery, load_recovery, save_recovery
+from stride_viz.storage import RunMismatch, RunStore, read_json, write_json
+from stride_viz.method.subsets import design_subsets
+from stride_viz.data.tokenize import encode
+from stride_viz.method.training import Trainer, build_cache
 
 __all__ = ["Stride", "Attribution", "read_attribution", "RunMismatch", "QueryError"]
 

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .config import ConfigError, config_diff
-from .pools import Fact, Pool, Query, make_pool
+from stride_viz.config import ConfigError, config_diff
+from stride_viz.data.pools import Fact, Pool, Query, make_pool
 
 __all__ = ["RunStore", "RunMismatch", "write_json", "read_json", "safe_name"]
 

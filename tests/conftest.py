@@ -22,7 +22,7 @@ N_FORTUNES = 150
 
 @pytest.fixture(scope="session")
 def tiny_pool():
-    from stride_viz.pools import load_pool
+    from stride_viz.data.pools import load_pool
     full = load_pool("fortunes+facts")
     facts = full.facts[:N_FACTS]
     keep = {full.index_of(s) for f in facts for s in f.source_ids}
@@ -32,7 +32,7 @@ def tiny_pool():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_pool) -> Path:
-    from stride_viz.models import train_demo_model
+    from stride_viz.data.models import train_demo_model
     out = tmp_path_factory.mktemp("tiny-model") / "model"
     return train_demo_model(tiny_pool, out, preset="tiny", seed=0, n_layer=2, n_embd=32, n_head=2,
                             vocab_size=400, epochs=8, batch_size=16, lr=5e-3, max_length=64)
@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory, tiny_pool) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from stride_viz.models import load_model
+    from stride_viz.data.models import load_model
     return load_model(str(tiny_model_dir), device="cpu")
 
 
@@ -53,7 +53,7 @@ def fitted_run(tmp_path_factory, tiny_model, tiny_pool):
     """A fitted STRIDE run (logits mode) with the planted-fact queries attributed."""
     from stride_viz.config import FitConfig
     from stride_viz.engine import Stride
-    from stride_viz.pools import fact_queries
+    from stride_viz.data.pools import fact_queries
     run = Stride.create_or_open(tmp_path_factory.mktemp("runs") / "run", tiny_model, tiny_pool,
                                 FitConfig(**TINY_FIT))
     run.fit()

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from stride_viz import baselines as B
-from stride_viz.models import train_lm, train_tokenizer
-from stride_viz.pools import Query, make_pool
+from stride_viz.evaluation import baselines as B
+from stride_viz.data.models import train_lm, train_tokenizer
+from stride_viz.data.pools import Query, make_pool
 
 WORDS = ("apple banana cherry dog eagle fish grape house island jungle kite lemon moon "
          "night ocean piano quartz river salt tiger").split()

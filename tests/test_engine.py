@@ -8,11 +8,12 @@ import torch
 from stride_viz.config import ConfigError, FitConfig, RecoveryConfig
 from stride_viz.demo import fact_metrics
 from stride_viz.engine import QueryError, RunMismatch, Stride, read_attribution
-from stride_viz.measurement import steered_logits
-from stride_viz.operators import FrozenLM, SteeringOperators
-from stride_viz.pools import Query, fact_queries
+from stride_viz.method.measurement import steered_logits
+from stride_viz.method.frozen import FrozenLM
+from stride_viz.method.operators import SteeringOperators
+from stride_viz.data.pools import Query, fact_queries
 from stride_viz.progress import Cancelled
-from stride_viz.subsets import design_subsets, subsets_of
+from stride_viz.method.subsets import design_subsets, subsets_of
 
 from conftest import TINY_FIT
 
@@ -92,7 +93,8 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, tiny_model, ti
     whole = _fit(tmp_path, tiny_model, tiny_pool, "whole", **kw)
     import json
     hist = json.loads((whole.store.fit_dir / "state.json").read_text())["history"]
-    assert all(h["stab"] >= 0 for h in hist) and max(h["stab"] for h in hist) > 0
+    # KL >= 0 up to float rounding (residual mode recomputes the upper blocks: ~1e-9 at step 0)
+    assert all(h["stab"] >= -1e-6 for h in hist) and max(h["stab"] for h in hist) > 0
     cfg = FitConfig(**{**TINY_FIT, **kw})
     run = Stride.create_or_open(tmp_path / "killed", tiny_model, tiny_pool, cfg)
     calls = iter(range(1000))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stride_viz import evaluation as ev
+from stride_viz.evaluation import metrics as ev
 
 
 def _planted(n_pool=40, n_q=5, m=30, seed=0, noise=0.0):
@@ -119,7 +119,7 @@ def test_ground_truth_refuses_mismatch(tmp_path):
 # ------------------------------------------------------------------ figures and the page
 
 def test_figures_are_built_from_arrays():
-    from stride_viz import eval_plots
+    from stride_viz.app import eval_plots
 
     fig = eval_plots.lds_distribution({"stride": [0.2, 0.4], "tfidf": [0.1, -0.1]})
     assert [t.type for t in fig.data] == ["box", "box"]
@@ -182,8 +182,8 @@ TINY_RECIPE = dict(n_layer=1, n_embd=16, n_head=2, n_positions=32, epochs=1.0, b
 
 
 def _tiny_inputs():
-    from stride_viz.models import train_tokenizer
-    from stride_viz.pools import Query, make_pool
+    from stride_viz.data.models import train_tokenizer
+    from stride_viz.data.pools import Query, make_pool
 
     texts = [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "owl", "fox", "elk", "bat")
              for v in ("red", "blue")]
@@ -193,7 +193,7 @@ def _tiny_inputs():
 
 
 def test_retraining_shards_resume_and_match_one_process(tmp_path):
-    from stride_viz import retrain
+    from stride_viz.evaluation import retrain
 
     pool, queries, tok = _tiny_inputs()
     a, b = tmp_path / "a", tmp_path / "b"
@@ -219,7 +219,7 @@ def test_retraining_shards_resume_and_match_one_process(tmp_path):
 
 
 def test_draw_subsets_is_seeded_and_validated():
-    from stride_viz.retrain import draw_subsets
+    from stride_viz.evaluation.retrain import draw_subsets
 
     s1, s2 = draw_subsets(100, 5, 0.3, 0), draw_subsets(100, 5, 0.3, 0)
     assert all(np.array_equal(x, y) for x, y in zip(s1, s2))

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from stride_viz import models
-from stride_viz.models import (LoadedModel, ModelError, data_home, demo_model_dir, demo_settings, encode_pool,
+from stride_viz.data import models
+from stride_viz.data.models import (LoadedModel, ModelError, data_home, demo_model_dir, demo_settings, encode_pool,
                                fit_demo_lm, load_model, train_demo_model, train_lm, train_tokenizer,
                                weights_hash)
-from stride_viz.pools import make_pool
-from stride_viz.tokenize import sequence_losses
+from stride_viz.data.pools import make_pool
+from stride_viz.data.tokenize import sequence_losses
 
 DOCS = [
     "The capital of Vorlandia is Quessit.",
@@ -134,7 +134,7 @@ def test_data_home_and_demo_dir(monkeypatch, tmp_path):
 def test_demo_spec_trains_once_then_loads_the_folder(monkeypatch, tmp_path, pool):
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path))
     monkeypatch.setitem(models.DEMO_PRESETS, "tiny", {**models.DEMO_PRESETS["tiny"], **TINY, "steps": 2})
-    monkeypatch.setattr("stride_viz.pools.load_pool", lambda name: pool)
+    monkeypatch.setattr("stride_viz.data.pools.load_pool", lambda name: pool)
     calls = []
     lm = load_model("demo", device="cpu", progress=lambda *a: calls.append(a))
     assert (tmp_path / "models" / "demo-tiny" / "config.json").exists()

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard_run import TINY_DEMO, TINY_DEMO_ENV, tiny_demo_home, tiny_demo_info
 from stride_viz.jobs import JobStore, LocalProcessExecutor
-from stride_viz.report import build_report, fact_ranks, ranks_of, read_run
+from stride_viz.app.report import build_report, fact_ranks, ranks_of, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from stride_viz import plots
+from stride_viz.app import plots
 
 
 def _pool(n: int):

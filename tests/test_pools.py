@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stride_viz import pools
-from stride_viz.facts import FACTS, build_fortunes_with_facts
-from stride_viz.pools import (Fact, PoolError, Query, builtin_pools, fact_queries, load_pool,
+from stride_viz.data import pools
+from stride_viz.data.facts import FACTS, build_fortunes_with_facts
+from stride_viz.data.pools import (Fact, PoolError, Query, builtin_pools, fact_queries, load_pool,
                               load_queries, make_pool)
 
 

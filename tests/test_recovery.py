@@ -1,4 +1,4 @@
-"""Tests of stage 4 (stride_viz/recovery.py): tiny planted problems with known answers.
+"""Tests of stage 4 (stride_viz/method/recovery.py): tiny planted problems with known answers.
 
 Run: .venv/bin/python -m pytest tests/test_recovery.py -q
 """
@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import Lasso
 
 from stride_viz.config import RecoveryConfig
-from stride_viz.recovery import (Recoverer, RecoveryError, backproject, load_recovery,
+from stride_viz.method.recovery import (Recoverer, RecoveryError, backproject, load_recovery,
                                  save_recovery)
 
 
@@ -120,7 +120,7 @@ def test_path_matches_scikit_learn_lasso_with_intercept():
 def test_working_set_grows_until_kkt_conditions_hold():
     """A cold start straight at a small alpha: the first working set (|g_j| >= alpha at w = 0)
     misses examples of the solution, which only the KKT check can bring in."""
-    from stride_viz.recovery import _Problem
+    from stride_viz.method.recovery import _Problem
     m, _, _, y = planted_problem(k=80, n=150, support=6, seed=3)
     problem = _Problem(sp.csr_matrix(m, dtype=np.float64), np.arange(80))
     yc = y - y.mean()

@@ -143,7 +143,7 @@ def check_model_spec(spec: Any) -> str:
 
 def check_pool_spec(spec: Any) -> str:
     """Refuse a pool spec that is neither a built-in name nor an existing file or folder."""
-    from stride_viz.pools import builtin_pools
+    from stride_viz.data.pools import builtin_pools
     if not isinstance(spec, str) or not spec.strip():
         raise JobError(f"The 'pool' job parameter must be a built-in pool "
                        f"({', '.join(builtin_pools())}) or a path. Got an empty value.")
@@ -184,7 +184,7 @@ def _check_queries(data: Any) -> list[dict]:
 
 
 def _queries(data: list[dict]):
-    from stride_viz.pools import Query
+    from stride_viz.data.pools import Query
     return [Query(id=q["id"], prompt=q["prompt"], completion=q.get("completion")) for q in data]
 
 
@@ -287,7 +287,7 @@ def demo_params_from_env() -> dict:
 
 
 def _validate_demo(p: dict) -> dict:
-    from stride_viz.models import DEMO_PRESETS
+    from stride_viz.data.models import DEMO_PRESETS
     preset = p.get("preset", "tiny")
     if preset not in DEMO_PRESETS:
         raise JobError(f"The 'preset' job parameter must be one of {', '.join(DEMO_PRESETS)}. Got {preset!r}.")
@@ -307,7 +307,8 @@ def _validate_demo(p: dict) -> dict:
 
 
 def _run_demo(p: dict, ctx: JobContext) -> dict:
-    from stride_viz import models, pools
+    from stride_viz.data import models
+    from stride_viz.data import pools
     pool = pools.load_pool("fortunes+facts", limit=p["pool_limit"])
     if p["pool_limit"] is None and not p["model"]:
         # the standard demo model, shared with `load_model("demo")` and the CLI
@@ -342,7 +343,8 @@ def _validate_attribute(p: dict) -> dict:
 
 
 def _run_attribute(p: dict, ctx: JobContext) -> dict:
-    from stride_viz import models, pools
+    from stride_viz.data import models
+    from stride_viz.data import pools
     pool = pools.load_pool(p["pool"], limit=p["pool_limit"])
     if ctx.should_stop():
         raise Cancelled("stopped before loading the model")

@@ -53,7 +53,7 @@ def max_heavy_jobs() -> int:
 
 def default_db_path() -> Path:
     """``<data_home>/jobs.sqlite`` (data_home: $STRIDE_VIZ_HOME or ~/.stride_viz)."""
-    from stride_viz.models import data_home  # late: keep `import stride_viz.jobs` light
+    from stride_viz.data.models import data_home  # late: keep `import stride_viz.jobs` light
     return data_home() / "jobs.sqlite"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from .pools import Fact, Query
+from stride_viz.data.records import Fact, Query
 
 __all__ = ["FACTS", "build_fortunes_with_facts", "FACT_SEED"]
 

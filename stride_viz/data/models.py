@@ -9,7 +9,7 @@ training recipe of the project.
   example's completion tokens (the whole text for plain documents). Deterministic per seed;
   also used to retrain models on pool subsets for the LDS evaluation.
 
-Run ``python -m stride_viz.models demo:tiny`` to build (or rebuild) a demo model by hand.
+Run ``python -m stride_viz.data.models demo:tiny`` to build (or rebuild) a demo model by hand.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from .pools import Pool
-from .progress import StageTimer, no_progress
-from .tokenize import Encoded, encode, sequence_losses
+from stride_viz.data.pools import Pool
+from stride_viz.progress import StageTimer, no_progress
+from stride_viz.data.tokenize import Encoded, encode, sequence_losses
 
 __all__ = ["LoadedModel", "ModelError", "load_model", "train_demo_model", "train_lm", "encode_pool",
            "demo_model_dir", "data_home", "weights_hash", "DEMO_PRESETS", "resolve_device",
@@ -127,7 +127,7 @@ def load_model(spec: str, device: str = "auto", trust_remote_code: bool = False,
         _check_preset(preset)
         folder = demo_model_dir(preset)
         if not (folder / "config.json").exists():
-            from .pools import load_pool
+            from stride_viz.data.pools import load_pool
             train_demo_model(load_pool("fortunes+facts"), folder, preset=preset, progress=progress)
         return _load_from(str(folder), spec, dev, trust_remote_code, local_only=True)
     path = Path(spec).expanduser()
@@ -238,7 +238,7 @@ def _short(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- training
 
 def encode_pool(tokenizer: Any, pool: Pool, max_length: int) -> Encoded:
-    """The pool as training tensors (see :func:`stride_viz.tokenize.encode`)."""
+    """The pool as training tensors (see :func:`stride_viz.data.tokenize.encode`)."""
     return encode(tokenizer, list(pool.prompts), list(pool.completions), max_length)
 
 
@@ -424,11 +424,11 @@ def train_demo_model(pool: Pool, out_dir: Path, preset: str = "tiny", seed: int 
     return out_dir
 
 
-if __name__ == "__main__":  # python -m stride_viz.models demo:tiny
+if __name__ == "__main__":  # python -m stride_viz.data.models demo:tiny
     import sys
 
-    from .pools import load_pool
-    from .progress import print_progress
+    from stride_viz.data.pools import load_pool
+    from stride_viz.progress import print_progress
 
     name = sys.argv[1] if len(sys.argv) > 1 else "demo:tiny"
     chosen = name.partition(":")[2] or "tiny"

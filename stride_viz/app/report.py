@@ -4,7 +4,7 @@ The readers here (``list_runs``, ``read_run``, ``read_query``, ``membership_of``
 files of the run directory (see :mod:`stride_viz.storage`): no model, no torch, no Lasso. The
 dashboard pages and the report both use them.
 
-    python -m stride_viz.report RUN_DIR [-o report.html]
+    python -m stride_viz.app.report RUN_DIR [-o report.html]
 
 The report embeds plotly.js once, so it opens offline in any browser; every chart keeps its
 hover, zoom and legend toggles.
@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import plots
-from .storage import RunStore, read_json
+from stride_viz.app import plots
+from stride_viz.storage import RunStore, read_json
 
 __all__ = ["RunInfo", "QueryView", "list_runs", "read_run", "read_query", "read_pool_rows",
            "membership_of", "top_table", "fact_sources", "ranks_of", "fact_ranks", "build_report",

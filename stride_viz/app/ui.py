@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import streamlit as st
 
-from .jobs import Executor, Job, JobError, JobStore, LocalProcessExecutor, demo_params_from_env
-from .models import data_home
-from . import report
+from stride_viz.jobs import Executor, Job, JobError, JobStore, LocalProcessExecutor, demo_params_from_env
+from stride_viz.data.models import data_home
+from stride_viz.app import report
 
 __all__ = ["executor", "SIGN_NOTE", "RESPONSE_NOTE", "DEMO_EXPLANATION", "page_setup", "fmt_seconds",
            "state_label", "explore_link", "render_job", "live_job", "launch_demo_button", "runs",
@@ -228,7 +228,7 @@ def _query_view(path: str, query_id: str, stamp: tuple) -> report.QueryView:
 
 
 def query_view(path: str, query_id: str) -> report.QueryView:
-    from .storage import RunStore
+    from stride_viz.storage import RunStore
     folder = RunStore(path).attribution_dir(query_id)
     return _query_view(path, query_id, (_mtime(folder / "meta.json"), _mtime(folder / "continuations.json")))
 

@@ -1,17 +1,17 @@
 """Ground truth for the LDS: retrain the model from scratch on random subsets of the pool.
 
-A ground-truth directory (format in ``stride_viz.evaluation``) is first *prepared* with the
+A ground-truth directory (format in ``stride_viz.evaluation.metrics``) is first *prepared* with the
 pool, the queries, the tokenizer and the training recipe; then any number of processes fill
 it, each taking the subsets j with ``j % n == i`` (``--shard i/n``) and appending one JSON
 line per retrained subset to its own part file. A killed process loses only the subset it
 was training: rerunning skips every subset already recorded.
 
-The recipe is the project's single training recipe (``stride_viz.models.train_lm``) applied
+The recipe is the project's single training recipe (``stride_viz.data.models.train_lm``) applied
 to a GPT-2 initialised from ``recipe["seed"]``: the same seed and schedule for every subset,
 so subsets differ only in their data. The tokenizer is trained once on the whole pool and
 kept fixed (it is not what the LDS measures).
 
-    python -m stride_viz.retrain GT_DIR [--shard 0/2] [--threads 1]
+    python -m stride_viz.evaluation.retrain GT_DIR [--shard 0/2] [--threads 1]
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import evaluation as ev
-from .pools import Pool, Query, make_pool
-from .progress import StageTimer, no_progress, print_progress
-from .tokenize import encode, sequence_losses
+from stride_viz.evaluation import metrics as ev
+from stride_viz.data.pools import Pool, Query, make_pool
+from stride_viz.progress import StageTimer, no_progress, print_progress
+from stride_viz.data.tokenize import encode, sequence_losses
 
 __all__ = ["draw_subsets", "query_losses", "train_recipe", "prepare", "fill", "open_inputs",
            "RECIPE_KEYS"]
@@ -71,7 +71,7 @@ def train_recipe(recipe: dict, tokenizer, pool: Pool, progress: Callable = no_pr
     """A GPT-2 initialised from ``recipe['seed']`` and trained with ``train_lm`` on ``pool``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .models import train_lm
+    from stride_viz.data.models import train_lm
 
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
@@ -100,7 +100,7 @@ def prepare(gt_dir: str | Path, pool: Pool, queries: Sequence[Query], tokenizer,
                              f"completion per query.")
     meta = {"pool": {"spec": pool.name, "hash": pool.hash, "n": len(pool)},
             "queries": [{"id": q.id, "prompt": q.prompt, "completion": q.completion} for q in queries],
-            "recipe": {"architecture": "gpt2-from-scratch", "trainer": "stride_viz.models.train_lm",
+            "recipe": {"architecture": "gpt2-from-scratch", "trainer": "stride_viz.data.models.train_lm",
                        **{k: recipe[k] for k in RECIPE_KEYS}},
             "seed": seed, "fraction": fraction, "n_subsets": n_subsets, "loss": LOSS_DOC}
     ev.write_metadata(gt_dir, meta)
@@ -160,7 +160,7 @@ def fill(gt_dir: str | Path, shard: tuple[int, int] = (0, 1), limit: Optional[in
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stride_viz.retrain", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m stride_viz.evaluation.retrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gt_dir", help="a ground-truth directory prepared by benchmarks/lds.py or prepare()")
     ap.add_argument("--shard", default="0/1", help="i/n: take the subsets j with j %% n == i")

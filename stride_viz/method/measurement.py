@@ -14,8 +14,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .operators import FrozenLM, SteeringOperators
-from .tokenize import Encoded, encode
+from stride_viz.method.frozen import FrozenLM
+from stride_viz.method.operators import SteeringOperators
+from stride_viz.data.tokenize import Encoded, encode
 
 __all__ = ["QueryResponses", "measure", "steered_logits", "generate"]
 

