@@ -39,7 +39,7 @@ def home() -> None:
         if not runs:
             st.info("No finished run yet: launch the demo on the left.")
         for r in runs[:6]:
-            st.markdown(f"**{r.label()}**")
+            st.markdown(f"**{ui.md(r.label())}**")
             st.page_link("pages/3_Explore.py", label=f"Explore {r.name}", icon=":material/travel_explore:",
                          query_params={"run": r.name, "query": r.query_ids[0]})
 

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stride_viz import evaluation as ev  # noqa: E402
+from stride_viz.evaluation import metrics as ev  # noqa: E402
 from stride_viz.evaluation.baselines import GRADIENT_METHODS, METHODS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,25 +1,28 @@
 """Launch: pick a model, a training pool and a test prompt, and start an attribution job.
 
-Every field is checked when Launch is pressed; a problem is reported under its field and
-nothing is started. The job itself runs in a background worker (see the Runs page).
+Every field is checked when Launch is pressed (stride_viz.app.launch: the model folder holds a
+causal LM, the pool fills the subsets, every setting is in range); a problem is reported under
+its field and nothing is started (a rejected upload is deleted). The job itself runs in a
+background worker (see the Runs page).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import re
-from pathlib import Path
 
 import streamlit as st
 
-from stride_viz.app import ui
-from stride_viz.config import ConfigError, FitConfig, RecoveryConfig, help_of
+from stride_viz.app import launch, ui
+from stride_viz.config import FitConfig, RecoveryConfig, help_of
 from stride_viz.jobs import JobError
 from stride_viz.jobs.kinds import check_model_spec, check_pool_spec
 from stride_viz.data.models import DEMO_PRESETS, data_home
-from stride_viz.data.pools import PoolError, builtin_pools, load_pool
+from stride_viz.data.pools import PoolError, builtin_pools
 
 ui.page_setup("Launch")
+# "Edit settings" of a failed job (Runs page): its settings fill the form below
+prefill = st.session_state.pop("launch_prefill", None)
+if prefill:
+    st.session_state.update(prefill["values"], launch_errors={}, launch_job_id=None, launch_prefilled=prefill)
 st.title("Launch an attribution")
 st.markdown("Choose a **model**, the **training pool** to attribute to, and the **test prompt** whose "
             "completion you want explained. Fitting the STRIDE operators is done once per model, pool "
@@ -34,11 +37,17 @@ with st.container(border=True):
         ui.live_job(demo_id, key="launch_demo_job")
 
 errors: dict[str, str] = st.session_state.setdefault("launch_errors", {})
+if st.session_state.get("launch_prefilled"):
+    was = st.session_state["launch_prefilled"]
+    st.info(f"The settings of job #{was['job']} are filled in below. It failed with: {ui.md(was['error'])} "
+            f"Change what the error names and press **Launch**"
+            + (" (upload the pool file again)." if st.session_state.get("launch_pool_kind") == "Upload a file"
+               else "."), icon=":material/edit:")
 
 
 def field_error(name: str) -> None:
     if name in errors:
-        st.error(errors[name], icon=":material/error:")
+        st.error(ui.md(errors[name]), icon=":material/error:")
 
 
 # ----------------------------------------------------------------------------- model
@@ -89,18 +98,20 @@ st.text_area("Completion to explain (optional)", key="launch_completion", height
 field_error("queries")
 
 # ----------------------------------------------------------------------------- settings
-_CHOICES = {"mode": ["logits", "residual"], "selection": ["cv", "cv-1se", "nonzeros"],
-            "device": ["auto", "cpu", "cuda"]}
+_CHOICES = {"mode": ["factored", "logits", "residual"], "vocabulary": ["pool", "full"],
+            "cache": ["auto", "memory", "disk", "stream"], "precision": ["auto", "float32", "bfloat16"],
+            "selection": ["cv", "cv-1se", "nonzeros"], "device": ["auto", "cpu", "cuda"]}
 
 
 def config_inputs(cls, prefix: str) -> None:
     """One input per dataclass field (key ``<prefix>_<field>``), with the field's help text."""
     cols = st.columns(3)
     for i, f in enumerate(dataclasses.fields(cls)):
-        key, label, help_ = f"{prefix}_{f.name}", f.name.replace("_", " "), help_of(cls, f.name)
+        key, label, help_ = f"{prefix}_{f.name}", launch.setting_label(f.name), help_of(cls, f.name)
         with cols[i % 3]:
             if f.name in _CHOICES:
-                st.selectbox(label, _CHOICES[f.name], key=key, help=help_)
+                options = list(dict.fromkeys([*_CHOICES[f.name], f.default]))  # the default is always one
+                st.selectbox(label, options, index=options.index(f.default), key=key, help=help_)
             elif f.default is None or isinstance(f.default, str):
                 st.text_input(label + (" (empty = default)" if f.default is None else ""), key=key,
                               help=help_, value=f.default or "")
@@ -111,7 +122,7 @@ def config_inputs(cls, prefix: str) -> None:
             field_error(f"{prefix}_{f.name}")
 
 
-with st.expander("Advanced: STRIDE settings"):
+with st.expander("Advanced: STRIDE settings", expanded=any(k.startswith(("fit_", "rec_")) for k in errors)):
     st.markdown("**Operator fit** (changing any of these means a new fit)")
     config_inputs(FitConfig, "fit")
     st.markdown("**Sparse recovery** (cheap: no refit needed)")
@@ -119,89 +130,76 @@ with st.expander("Advanced: STRIDE settings"):
 
 
 # ----------------------------------------------------------------------------- validate + launch
-def _config(cls, prefix: str, found: dict) -> dict:
-    """The settings typed in the advanced section (only those that differ from the default),
-    or {} with the error filed under its field."""
-    data = {}
-    try:
-        for f in dataclasses.fields(cls):
-            v = st.session_state.get(f"{prefix}_{f.name}", f.default)
-            if f.default is None:  # optional integers typed as text
-                v = str(v or "").strip()
-                try:
-                    v = int(v) if v else None
-                except ValueError:
-                    raise ConfigError(f"The '{f.name}' parameter of {cls.__name__} must be an integer "
-                                      f"or empty. Got {v!r} instead.") from None
-            if v != f.default:
-                data[f.name] = v
-        cls(**data)
-        return data
-    except ConfigError as e:
-        m = re.search(r"'(\w+)' parameter", str(e))
-        found[f"{prefix}_{m.group(1)}" if m else "queries"] = str(e)
-        return {}
+_SECTIONS = {"model": "1. Model", "pool": "2. Training pool", "prompt": "3. Test prompt",
+             "queries": "3. Test prompt"}
 
 
-def _save_upload(upload) -> str:
-    data = upload.getvalue()
-    folder = data_home() / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}-{Path(upload.name).name}"
-    if not path.exists():
-        path.write_bytes(data)
-    return str(path)
+def _settings(found: dict) -> dict[str, dict]:
+    """The settings typed under Advanced that differ from the defaults, by form prefix; every
+    bad one is filed under its field."""
+    out = {}
+    for cls, prefix in launch.FORM_PREFIX.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        out[prefix], bad = launch.read_settings(
+            cls, lambda name, p=prefix: st.session_state.get(f"{p}_{name}", defaults[name]))
+        found.update({f"{prefix}_{name}": message for name, message in bad.items()})
+    return out
 
 
 def validate_and_launch() -> None:
     s = st.session_state
     found: dict[str, str] = {}
+    settings = _settings(found)
+    fit = None if any(k.startswith("fit_") for k in found) else FitConfig(**settings["fit"])
     model = None
     try:
         kind = s["launch_model_kind"]
         spec = (f"demo:{s['launch_model_preset']}" if kind == "Built-in demo model"
                 else s.get("launch_model_path", "") if kind == "Local folder" else s.get("launch_model_hub", ""))
         model = check_model_spec(spec)
+        launch.check_model_config(model)        # config.json alone: a causal LM, in a second
     except JobError as e:
         found["model"] = str(e)
-    pool = None
+    pool, upload = None, None                   # upload: a file written now, deleted if rejected
     limit = int(s["launch_pool_limit"]) or None
     try:
-        kind = s["launch_pool_kind"]
+        kind, shown = s["launch_pool_kind"], None
         if kind == "Built-in":
             pool = s["launch_pool_builtin"]
         elif kind == "Upload a file":
             if s.get("launch_pool_upload") is None:
                 raise JobError("Choose a pool file to upload (JSONL, CSV or TXT).")
-            pool = _save_upload(s["launch_pool_upload"])
+            shown = s["launch_pool_upload"].name
+            path, created = launch.save_upload(data_home() / "uploads", shown, s["launch_pool_upload"].getvalue())
+            pool, upload = str(path), path if created else None
         else:
             pool = check_pool_spec(s.get("launch_pool_path", ""))
-        if pool not in builtin_pools():
-            n = len(load_pool(pool, limit=limit))  # parses the file: its errors show here
-            if n < 2:
-                raise JobError(f"The pool has {n} example; STRIDE needs at least a few dozen.")
+        launch.check_pool(pool, limit, fit, shown=shown)   # parses it: its errors show here
     except (JobError, PoolError) as e:
         found["pool"] = str(e)
     prompt = s.get("launch_prompt", "")
     if not prompt.strip():
         found["prompt"] = "Type the prompt whose completion you want explained."
     completion = s.get("launch_completion", "") or None
-    fit = _config(FitConfig, "fit", found)
-    recovery = _config(RecoveryConfig, "rec", found)
+    if not found:
+        params = {"model": model, "pool": pool, "pool_limit": limit, "fit": settings["fit"],
+                  "recovery": settings["rec"], "queries": [{"prompt": prompt, "completion": completion}]}
+        try:
+            s["launch_job_id"] = ui.executor().submit("attribute", params)
+            s.pop("launch_prefilled", None)
+            upload = None                       # kept: the job reads it
+        except JobError as e:
+            found["queries"] = str(e)
+    if upload is not None:
+        launch.discard_upload(upload)
     s["launch_errors"] = found
-    if found:
-        return
-    params = {"model": model, "pool": pool, "pool_limit": limit, "fit": fit, "recovery": recovery,
-              "queries": [{"prompt": prompt, "completion": completion}]}
-    try:
-        s["launch_job_id"] = ui.executor().submit("attribute", params)
-    except JobError as e:
-        s["launch_errors"] = {"queries": str(e)}
 
 
 st.button("Launch", key="launch_submit", type="primary", on_click=validate_and_launch)
 if errors:
-    st.error("Nothing was launched: fix the fields marked above.")
+    where = dict.fromkeys(_SECTIONS.get(k) or f"Advanced: STRIDE settings ▸ {launch.setting_label(k.split('_', 1)[1])}"
+                          for k in errors)
+    st.error(f"Nothing was launched: fix the fields marked above ({'; '.join(where)}).")
 elif st.session_state.get("launch_job_id") is not None:
     st.success(f"Job #{st.session_state['launch_job_id']} launched. It runs in the background; follow it "
                "here or on the Runs page.")

@@ -6,12 +6,16 @@ Selecting an example in any chart or in the table highlights it everywhere.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import streamlit as st
 
-from stride_viz.app import plots, ui
-from stride_viz.jobs import JobError
-from stride_viz.app.report import build_report, fact_sources, ranks_of, top_table
+from stride_viz.app import plots, sparsity, ui
+from stride_viz.config import RecoveryConfig
+from stride_viz.jobs import JobError, query_id_for
+from stride_viz.jobs.kinds import check_new_prompt, stage_position
+from stride_viz.app.report import build_report, csv_text, fact_sources, query_snippet, ranks_of, top_table
 
 ui.page_setup("Explore")
 st.title("Explore an attribution")
@@ -25,10 +29,13 @@ if not all_runs:
 
 ui.init_from_url({"run": "explore_run", "query": "explore_query", "example": "explore_example"})
 by_name = {r.name: r for r in all_runs}
+goto = st.session_state.pop("_explore_goto", None)   # a prompt just explained: show it
+if goto and goto["run"] in by_name:
+    st.session_state.update(explore_run=goto["run"], explore_query=goto["query"], explore_example="")
 if st.session_state.get("explore_run") not in by_name:
     if st.session_state.get("explore_run"):
-        st.warning(f"Run {st.session_state['explore_run']!r} from the link was not found here; showing "
-                   f"the most recent run instead.")
+        st.warning(f"Run {ui.md_code(st.session_state['explore_run'])} from the link was not found here; "
+                   f"showing the most recent run instead.")
     st.session_state["explore_run"] = all_runs[0].name
 
 # ----------------------------------------------------------------------------- selectors
@@ -39,8 +46,10 @@ run = ui.run_info(str(by_name[st.session_state["explore_run"]].path))
 run_dir = str(run.path)
 if st.session_state.get("explore_query") not in run.query_ids:
     st.session_state["explore_query"] = run.query_ids[0]
+queries = ui.query_infos(run_dir)
 with st.sidebar:
-    st.selectbox("Query", run.query_ids, key="explore_query", help="An explained prompt of this run.")
+    st.selectbox("Query", run.query_ids, key="explore_query", help="An explained prompt of this run.",
+                 format_func=lambda i: query_snippet(queries[i], 60) if i in queries else i)
 q = ui.query_view(run_dir, st.session_state["explore_query"])
 pool = ui.pool_rows(run_dir)
 ids = pool["id"].tolist()
@@ -94,7 +103,7 @@ ui.set_url(run=run.name, query=q.id, example=sel_id or None)
 
 # ----------------------------------------------------------------------------- header
 cfg = run.meta["config"]
-st.caption(f"Run `{run.name}` · model `{run.meta['model']['spec']}` · pool `{run.meta['pool']['spec']}` "
+st.caption(f"Run {ui.md_code(run.name)} · model {ui.md_code(run.model_name)} · pool {ui.md_code(run.pool_name)} "
            f"({run.n} examples) · K = {run.K} subsets, each example in d = {cfg['per_example']} of them · "
            f"operators: {cfg['mode']} mode, rank {cfg['rank']} · fit took "
            f"{ui.fmt_seconds(run.fit_state.get('seconds'))}")
@@ -106,8 +115,86 @@ if run.is_demo:
             hits = sum(f["best_rank"] <= 10 for f in found)
             st.markdown(f"**Result:** for **{hits} of {len(found)}** planted facts, a known source document "
                         f"is among STRIDE's top 10 of {run.n} examples (best rank per fact: "
-                        + ", ".join(f"`{f['query']}` #{f['best_rank']}" for f in found)
+                        + ", ".join(f"{ui.md(query_snippet(queries.get(f['query'], {}), 40))} #{f['best_rank']}"
+                                    for f in found)
                         + "). Pick a fact query in the sidebar to see its sources (★).")
+
+# ----------------------------------------------------------------------------- a new prompt
+# The run's model and operators stay loaded in a background "explainer" process (see
+# stride_viz/jobs/explainer.py); this page only queues the request and polls its job row.
+
+
+def _show_query(run_name: str, query_id: str) -> None:
+    st.session_state["_explore_goto"] = {"run": run_name, "query": query_id}  # applied at the top
+
+
+def _explain(run_dir: str, run_name: str, known: list[str], recovery: dict) -> None:
+    """The Explain button (a form callback): check the text, then show the query if this run
+    explained it before, or queue it for the run's warm explainer process."""
+    st.session_state.pop("explore_explain", None)
+    try:
+        prompt, completion = check_new_prompt(st.session_state.get("explore_new_prompt", ""),
+                                              st.session_state.get("explore_new_completion", ""))
+        qid = query_id_for(prompt, completion)
+        if qid in known:
+            _show_query(run_name, qid)
+            return
+        job = ui.executor().submit("explain", {"run_dir": run_dir, "prompt": prompt,
+                                               "completion": completion, "recovery": recovery})
+    except JobError as e:
+        st.session_state["explore_explain"] = {"error": str(e)}
+        return
+    st.session_state["explore_explain"] = {"job": job, "run": run_name, "query": qid, "t0": time.time(),
+                                           "text": query_snippet({"prompt": prompt, "completion": completion}, 60)}
+
+
+def _explain_status(request: dict) -> None:
+    """The request's state, polled 4 times a second until its job ends; then its query is shown."""
+    if "error" in request:
+        st.error(ui.md(request["error"]))
+        return
+    ex = ui.executor()
+    active = ex.store.get(request["job"]).active
+
+    @st.fragment(run_every=0.25 if active else None)
+    def _poll() -> None:
+        job = ex.store.get(request["job"])
+        if job.state == "done":
+            st.session_state.pop("explore_explain", None)
+            _show_query(request["run"], request["query"])
+            st.rerun()
+        snippet = ui.md(request["text"])
+        if job.active:
+            where = stage_position("explain", job.stage)
+            st.info(f"Explaining {snippet}: {where[2] if where else 'waiting for the explainer process'} "
+                    f"({time.time() - request['t0']:.0f} s so far)")
+        else:
+            st.error(f"{snippet} could not be explained: {ui.md(job.error or job.state)}")
+            if active:
+                st.rerun()  # stop polling
+
+    _poll()
+
+
+known_recovery = set(RecoveryConfig.__dataclass_fields__)
+with st.form("explore_explain_form", border=True):
+    c1, c2, c3 = st.columns([5, 3, 1], vertical_alignment="bottom")
+    c1.text_area("Explain a new prompt", key="explore_new_prompt", height=68,
+                 placeholder="e.g. The capital of Vorlandia is",
+                 help="Any text the model is given. It is explained with this run's operators, so the "
+                      "scores rank this run's training examples.")
+    c2.text_input("Completion (optional)", key="explore_new_completion",
+                  placeholder="empty: the model completes the prompt",
+                  help="The text whose loss is explained. Empty: the model continues the prompt "
+                       "(greedy, up to 24 tokens) and its own answer is explained.")
+    c3.form_submit_button("Explain", type="primary", on_click=_explain, args=(
+        run_dir, run.name, list(run.query_ids),
+        {k: v for k, v in (q.meta.get("recovery_config") or {}).items() if k in known_recovery}))
+    st.caption("A background process keeps this run's model and operators loaded: the first request "
+               "of a run loads them once (seconds to a minute), later ones take about a second. It "
+               "stops after 10 minutes without a request.")
+if st.session_state.get("explore_explain"):
+    _explain_status(st.session_state["explore_explain"])
 
 # ----------------------------------------------------------------------------- the query
 st.subheader("The query")
@@ -131,16 +218,17 @@ elif side.startswith("opponents"):
 n_pos, n_neg = int((q.scores > 0).sum()), int((q.scores < 0).sum())
 st.caption(f"{n_pos} example{'s' if n_pos != 1 else ''} help{'s' if n_pos == 1 else ''} and {n_neg} "
            f"hurt{'s' if n_neg == 1 else ''} at the chosen λ; the other {len(ids) - n_pos - n_neg} have a "
-           f"score of exactly 0 (no detectable influence).")
+           f"score of exactly 0 (no evidence of influence at this λ).")
+st.markdown(sparsity.concentration_text(sparsity.concentration(q.scores, 10), len(ids)))
 if marked:
     rows = sorted(marked)
     ranks = ranks_of(q.scores, q.backprojection, rows)
     best = rows[int(np.argmin(ranks))]
     st.markdown(f"**Planted fact check:** the best-ranked of its {len(marked)} known source document(s), "
-                f"`{ids[best]}`, is **#{min(ranks)}** of {len(ids)} (score {q.scores[best]:+.3g} nats). "
+                f"{ui.md_code(ids[best])}, is **#{min(ranks)}** of {len(ids)} (score {q.scores[best]:+.3g} nats). "
                 f"A rank within the top 10 means STRIDE found where the model learnt this fact.")
 st.plotly_chart(plots.top_examples_figure(ids, shown, texts, top=top_n, selected=sel, marked=marked),
-                key="explore_top_chart", on_select=lambda: _pick_example("explore_top_chart"),
+                key="explore_top_chart", on_select=lambda: _pick_example("explore_top_chart"), config=plots.PLOTLY_CONFIG,
                 selection_mode="points", width="stretch")
 
 table = top_table(pool, shown, q.backprojection, sources)
@@ -157,7 +245,7 @@ st.dataframe(table.drop(columns=["row"]), key="explore_table", on_select=_pick_t
                                 "back-projection (nats)", format="%+.3g",
                                 help="Fast estimate: mean response of the subsets containing the example.")})
 d1, d2, _ = st.columns([1, 1, 3])
-d1.download_button("Download CSV", table.drop(columns=["row"]).to_csv(index=False), f"{run.name}-{q.id}.csv",
+d1.download_button("Download CSV", csv_text(table.drop(columns=["row"])), f"{run.name}-{q.id}.csv",
                    "text/csv", key="explore_dl_csv")
 d2.download_button("Download JSON", table.drop(columns=["row"]).to_json(orient="records", indent=1),
                    f"{run.name}-{q.id}.json", "application/json", key="explore_dl_json")
@@ -166,29 +254,42 @@ if sel is not None:
     with st.container(border=True):
         s = float(q.scores[sel])
         effect = "helps (proponent)" if s > 0 else "hurts (opponent)" if s < 0 else "no detectable influence"
-        st.markdown(f"**Selected example `{sel_id}`** (pool row {sel}){' ★ planted source' if sel in marked else ''}"
+        st.markdown(f"**Selected example {ui.md_code(sel_id)}** (pool row {sel}){' ★ planted source' if sel in marked else ''}"
                     f" — score **{s:+.4g} nats**: {effect}; back-projection estimate "
                     f"{float(q.backprojection[sel]):+.3g} nats.")
         st.text(texts[sel])
 
 # ----------------------------------------------------------------------------- sparsity path
 st.subheader("Sparsity path")
-st.markdown("The Lasso solution for every λ, from λ_max (no example) to weak regularisation (many). "
-            "Coloured lines: the top examples; the dashed line: the λ chosen by cross-validation over "
-            "held-out operators (lower panel: held-out error, nats², and the number of non-zero examples).")
+rc = {**RecoveryConfig().to_dict(), **(q.meta.get("recovery_config") or {})}
+chosen_by = {"cv": "the lowest held-out error",
+             "cv-1se": "the largest λ within one standard error of the lowest held-out error",
+             "nonzeros": f"the first λ with at least {rc['target_nonzeros']} non-zero examples"}
+st.markdown(f"The Lasso solution for every λ computed, from λ_max (no example) towards weak "
+            f"regularisation (more examples). Coloured lines: the top examples' scores (nats); the dashed "
+            f"line: the chosen λ, {chosen_by.get(rc['selection'], rc['selection'])} (cross-validation over "
+            f"{rc['cv_folds']} folds of held-out operators; lower panel: held-out mean squared error, nats², "
+            f"and the number of non-zero examples).")
 pro, con = plots.top_indices(q.scores, 6)
 st.plotly_chart(plots.sparsity_path_figure(q.path["ratios"], q.path["coefs"], q.path["nonzeros"],
                                            q.path["cv_mean"], q.path["cv_std"], q.path["chosen_index"], ids,
                                            highlight=list(pro) + list(con[:3]), selected=sel),
-                key="explore_path_chart", on_select=lambda: _pick_example("explore_path_chart"),
+                key="explore_path_chart", on_select=lambda: _pick_example("explore_path_chart"), config=plots.PLOTLY_CONFIG,
                 selection_mode="points", width="stretch")
+# Recoverer's default bound when none is set: min(K, n) / 2 non-zero examples
+end = sparsity.path_end(q.path["nonzeros"], q.path["cv_mean"], q.path["cv_std"], q.path["chosen_index"],
+                        int(rc["path_length"]), int(rc["max_nonzero"] or max(1, min(run.K, run.n) // 2)))
+if end is not None:
+    st.info(sparsity.path_end_text(end))
 
 # ----------------------------------------------------------------------------- responses
 st.subheader("Operator responses")
 st.markdown(ui.RESPONSE_NOTE, unsafe_allow_html=True)
+st.markdown(sparsity.shift_text(sparsity.response_shift(q.responses, float(q.path.get("intercept", np.nan))),
+                                stability_off=not cfg.get("stability_weight")))
 member = ui.membership(run_dir, sel) if sel is not None else None
 if member is not None:
-    st.caption(f"Green: the {int(member.sum())} subsets that contain `{sel_id}`. If the example matters, "
+    st.caption(f"Green: the {int(member.sum())} subsets that contain {ui.md_code(sel_id)}. If the example matters, "
                f"their responses sit apart from the others.")
 else:
     st.caption("Select an example to compare the subsets that contain it with the others.")
@@ -198,7 +299,8 @@ if st.session_state.get("explore_operator") not in order:
     st.session_state["explore_operator"] = order[0]
 st.plotly_chart(plots.responses_figure(q.responses, member=member, member_label=sel_id or "",
                                        selected_k=st.session_state["explore_operator"]),
-                key="explore_resp_chart", on_select=_pick_operator, selection_mode="points", width="stretch")
+                key="explore_resp_chart", on_select=_pick_operator, selection_mode="points", width="stretch",
+                config=plots.PLOTLY_CONFIG)
 
 st.markdown("##### Base and steered continuation")
 conts = {o["k"]: o for o in (q.continuations or {}).get("operators", [])}

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from stride_viz.app import eval_plots, ui
+from stride_viz.app import eval_plots, plots, ui
 from stride_viz.evaluation import metrics as evaluation
 from stride_viz.data.models import data_home
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ui.page_setup("Evaluate", icon=":material/rule:")
+ui.page_setup("Evaluate", icon="📏")
 st.title("Evaluate")
 st.markdown(
     "**Linear Datamodeling Score (LDS).** Models were retrained from scratch on random subsets "
@@ -86,10 +86,10 @@ except evaluation.GroundTruthError as e:
     st.stop()
 meta = gt.metadata
 queries = meta["queries"]
-st.caption(f"Pool **{meta['pool']['spec']}** ({meta['pool']['n']} examples, hash {meta['pool']['hash']}), "
+st.caption(f"Pool **{ui.md(meta['pool']['spec'])}** ({meta['pool']['n']} examples, hash {ui.md(meta['pool']['hash'])}), "
            f"**{len(queries)}** queries, **{len(gt.train_subsets)}** retrained subsets of "
            f"{100 * meta.get('fraction', 0):.0f}% · recipe: "
-           + ", ".join(f"{k} {v}" for k, v in meta["recipe"].items() if k not in ("trainer",)))
+           + ui.md(", ".join(f"{k} {v}" for k, v in meta["recipe"].items() if k not in ("trainer",))))
 if len(gt.train_subsets) < meta.get("n_subsets", 0):
     st.warning(f"Retraining is not finished: {len(gt.train_subsets)} of {meta['n_subsets']} subsets "
                f"so far. The numbers below use those only.")
@@ -137,7 +137,7 @@ if run_name != "none":
         methods[name] = rows
         table[name] = {"status": "ok", "note": f"{int(covered.sum())} of {len(queries)} queries explained in the run"}
     else:
-        st.info(f"Run {run_name!r} has not explained any of this ground truth's queries yet. Explain "
+        st.info(f"Run {ui.md_code(run_name)} has not explained any of this ground truth's queries yet. Explain "
                 f"them from the Launch page (same prompt and completion) to see its LDS here.")
 
 if not methods:
@@ -160,7 +160,7 @@ per_query = {m: _lds(s) for m, s in methods.items()}
 st.subheader("LDS per query, by method")
 kind = st.radio("Chart", ["box", "violin"], horizontal=True, key="eval_kind")
 st.plotly_chart(eval_plots.lds_distribution({m: v[~np.isnan(v)] for m, v in per_query.items()}, kind=kind),
-                width="stretch", key="eval_dist")
+                width="stretch", key="eval_dist", config=plots.PLOTLY_CONFIG)
 
 st.subheader("Methods")
 for m, v in per_query.items():  # recomputed from the files: the table agrees with the chart
@@ -190,11 +190,11 @@ with c2:
     m = st.selectbox("Method", list(methods), key="eval_method")
 s = methods[m][qi]
 if np.isnan(s).any():
-    st.info(f"{m} has no scores for this query.")
+    st.info(f"{ui.md(m)} has no scores for this query.")
 else:
     pred = evaluation.subset_sums(s[None, :], gt.train_subsets)[0]
     st.plotly_chart(eval_plots.prediction_scatter(pred, gt.test_loss[:, qi], method=m, query=queries[qi]["id"],
                                                   rho=float(per_query[m][qi])),
-                    width="stretch", key="eval_scatter")
+                    width="stretch", key="eval_scatter", config=plots.PLOTLY_CONFIG)
     st.caption("Each dot is one retrained model. A useful attribution puts the subsets it predicts to help "
                "most (right) at the lowest retrained loss (bottom): the dots fall from left to right.")

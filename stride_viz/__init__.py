@@ -17,7 +17,12 @@ torch and transformers.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Deterministic cuBLAS (a resumed GPU fit must end where an uninterrupted one ends): the
+# workspace setting has to be in place before the first CUDA matmul of the process.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 __all__ = ["FitConfig", "RecoveryConfig", "Pool", "Query", "load_pool", "load_queries",
            "load_model", "Stride", "Attribution", "read_attribution"]

@@ -2,6 +2,7 @@
 
     python -m stride_viz train-model --pool fortunes+facts --out models/tiny --preset tiny
     python -m stride_viz fit --model models/tiny --pool fortunes+facts --run runs/demo
+    torchrun --standalone --nproc_per_node 2 -m stride_viz fit --model models/tiny --pool fortunes+facts --run-dir runs/demo
     python -m stride_viz attribute --run runs/demo --prompt "The capital of Vorlandia is" --out out/
     python -m stride_viz demo
 
@@ -26,8 +27,12 @@ from stride_viz.progress import Cancelled, print_progress
 
 __all__ = ["main", "build_parser"]
 
-_FIT_FLAGS = ("subsets", "per_example", "rank", "layer", "mode", "seed", "epochs", "batch_size", "lr",
-              "stability_weight", "linearity_weight", "max_length", "device")
+_FIT_FLAGS = ("subsets", "per_example", "rank", "layer", "mode", "inner_rank", "vocabulary", "seed",
+              "epochs", "batch_size", "lr", "warmup", "stability_weight", "linearity_weight",
+              "max_length", "tokens_per_example", "linearity_every", "probe_queries",
+              "linearity_operators", "cache_memory_mb", "precision", "checkpoint_every", "device")
+# settings that do not change a fit's result: allowed when `fit --run` continues a run alone
+_RESUME_FLAGS = ("checkpoint_every", "device")
 _RECOVERY_FLAGS = ("selection", "cv_folds", "target_nonzeros", "path_length", "eps")
 
 
@@ -37,11 +42,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, names: Sequenc
         if f.name not in names:
             continue
         default = getattr(defaults, f.name)
-        kind = {int: int, float: float}.get(type(default), str)
+        kind = {int: int, float: float, bool: _boolean}.get(type(default), str)
         if f.name == "layer":
             kind = int
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                             help=f"{help_of(cls, f.name)} (default: {default})")
+
+
+def _boolean(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def _config_from(args: argparse.Namespace, cls: type, names: Sequence[str]):
@@ -62,15 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
 
     f = sub.add_parser("fit", help="design the subsets and train the steering operators (stages 1-2)")
-    f.add_argument("--model", required=True, help="hub id, local folder, or demo / demo:tiny / demo:small")
-    f.add_argument("--pool", required=True, help="pool file, folder or built-in name")
-    f.add_argument("--run", required=True, help="run directory (created, or resumed if it exists)")
+    f.add_argument("--model", help="hub id, local folder, or demo / demo:tiny / demo:small "
+                                   "(leave out with --pool to continue the run in --run)")
+    f.add_argument("--pool", help="pool file, folder or built-in name")
+    f.add_argument("--run-dir", "--run", dest="run", required=True,
+                   help="run directory (created, or resumed if it exists); under torchrun write "
+                        "--run-dir: torchrun's own parser rejects --run")
+    f.add_argument("--restart", action="store_true",
+                   help="discard the run's checkpoints and operators and fit from step 0 "
+                        "(run.json, the pool, the design and the attributions are kept)")
+    f.add_argument("--wait", action="store_true",
+                   help="when another process is fitting this run, wait for it (and reuse its "
+                        "result) instead of refusing")
     f.add_argument("--limit", type=int, default=None, help="use only the first N pool examples")
     f.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     _add_config_flags(f, FitConfig, _FIT_FLAGS)
 
     a = sub.add_parser("attribute", help="explain queries with a fitted run (stages 3-4)")
-    a.add_argument("--run", required=True, help="a fitted run directory")
+    a.add_argument("--run", "--run-dir", dest="run", required=True, help="a fitted run directory")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--queries", help="JSONL file: prompt, optional completion and id per line")
     src.add_argument("--prompt", help="one query prompt")
@@ -106,14 +127,43 @@ def _fit(args: argparse.Namespace) -> None:
     from stride_viz.engine import Stride
     from stride_viz.data.models import load_model
     from stride_viz.data.pools import load_pool
+    from stride_viz.method import distributed
+    from stride_viz.progress import no_progress
     config = _config_from(args, FitConfig, _FIT_FLAGS)
+    # under torchrun: one GPU per process, and rank 0 alone reports
+    config = dataclasses.replace(config, device=distributed.local_device(config.device))
+    progress = print_progress if distributed.is_writer() else no_progress
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1. Got {args.limit} instead.")
-    pool = load_pool(args.pool, limit=args.limit)
-    model = load_model(args.model, device=config.device, trust_remote_code=args.trust_remote_code)
-    run = Stride.create_or_open(args.run, model, pool, config)
-    run.fit(progress=print_progress)
-    print(run.store.root)
+    if args.model is None and args.pool is None:
+        run = _continue_run(args, config)
+    elif args.model is None or args.pool is None:
+        raise ConfigError("Give both --model and --pool (to create or reuse a run), or neither "
+                          "(to continue the run in --run with the settings of its run.json).")
+    else:
+        pool = load_pool(args.pool, limit=args.limit)
+        model = load_model(args.model, device=config.device, trust_remote_code=args.trust_remote_code)
+        run = Stride.create_or_open(args.run, model, pool, config)
+    try:
+        run.fit(progress=progress, wait=args.wait, restart=args.restart)
+    finally:
+        distributed.close()
+    if distributed.is_writer():
+        print(run.store.root)
+
+
+def _continue_run(args: argparse.Namespace, config: FitConfig):
+    """``fit --run R`` alone: the model, pool and settings come from R (repaired if damaged)."""
+    from stride_viz.engine import Stride
+    fixed = [n for n in _FIT_FLAGS if n not in _RESUME_FLAGS and getattr(args, n, None) is not None]
+    if fixed or args.limit is not None:
+        names = ", ".join("--" + n.replace("_", "-") for n in fixed + (["limit"] if args.limit else []))
+        raise ConfigError(f"{names} can only be given with --model and --pool: a run's settings "
+                          f"are fixed in {Path(args.run) / 'run.json'}; leave them out to continue it.")
+    run = Stride.open(args.run, device=config.device, trust_remote_code=args.trust_remote_code,
+                      repair=True)
+    run.config = dataclasses.replace(run.config, checkpoint_every=config.checkpoint_every)
+    return run
 
 
 def _queries_from(args: argparse.Namespace):
@@ -186,8 +236,11 @@ def _user_errors() -> tuple[type, ...]:
     from stride_viz.data.models import ModelError
     from stride_viz.data.pools import PoolError
     from stride_viz.method.recovery import RecoveryError
+    from stride_viz.integrity import DiskFull, RunDamaged
+    from stride_viz.runlock import RunLocked
+    from stride_viz.method.distributed import PeerFailed
     return (ConfigError, PoolError, ModelError, QueryError, RunMismatch, RecoveryError,
-            FileNotFoundError, NotADirectoryError)
+            RunDamaged, DiskFull, RunLocked, PeerFailed, FileNotFoundError, NotADirectoryError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -57,9 +57,23 @@ class FitConfig:
     rank: int = _f(8, "r: width of the shared low-rank basis B that every operator reads.")
     layer: Optional[int] = _f(None, "Steering layer: operators act on the residual stream after "
                                     "this block (1-based). Default: round(0.6 x depth).")
-    mode: str = _f("logits", "'logits': operators add a low-rank shift to the output logits "
-                             "(fast, the default); 'residual': they add a low-rank shift to the "
-                             "residual stream at the steering layer.")
+    mode: str = _f("logits", "Operator design. 'factored': each operator is an r x r2 matrix read "
+                             "through one shared, trained output basis onto the pool's tokens "
+                             "(its size does not grow with the vocabulary); 'logits': an r x |C| "
+                             "shift of the logits of the pool's tokens per operator (the first "
+                             "design: K x r x |C| numbers); 'residual': a low-rank shift of the "
+                             "residual stream after the steering layer.")
+    inner_rank: int = _f(64, "r2: width of the shared output basis U (r2 x |C|) in factored mode.")
+    vocabulary: str = _f("pool", "Output columns of the logits-space modes. 'pool': every operator "
+                                 "shifts the tokens that occur in the pool (K x r x |C| numbers in "
+                                 "logits mode: GPT-2's 50,257-token vocabulary, 1,000 fortunes: |C| "
+                                 "about 6k); 'subset': in logits mode each operator shifts only the "
+                                 "tokens of its own subset (r x |C_k| numbers per operator; LDS 0.21 "
+                                 "vs 0.46 on the benchmark's development queries; in factored mode "
+                                 "this means 'pool'); 'full': every token (K x r x V numbers). The "
+                                 "loss over the tokens left out stays exact.")
+    warmup: float = _f(0.0, "Fraction of the training steps over which the learning rate rises "
+                            "linearly from lr / steps to lr.")
     seed: int = _f(0, "Seed of the subset design, the initialisation and the batch order.")
     epochs: float = _f(3.0, "Passes over the pool during operator training.")
     batch_size: int = _f(32, "Training examples per optimisation step.")
@@ -73,14 +87,43 @@ class FitConfig:
                                       "queries should lie near the column space of the sketch of M).")
     outside_per_example: int = _f(2, "Operators outside an example's subsets that are evaluated "
                                      "on it per step for the stability loss.")
-    probe_queries: int = _f(4, "Probe examples per linearity step.")
-    linearity_every: int = _f(4, "Run the linearity loss every this many steps (0 = never).")
+    probe_queries: int = _f(4, "Probe examples per linearity step (each costs as much as one "
+                               "example under linearity_operators operators).")
+    linearity_every: int = _f(4, "Run the linearity loss every this many steps (0 = never); each "
+                                 "such step costs about probe_queries x linearity_operators / "
+                                 "(batch_size x per_example) of a training step more.")
+    linearity_operators: int = _f(64, "Operators whose responses to the probes are checked for "
+                                      "linearity per linearity step.")
     sketch_dim: int = _f(64, "q: columns of the Johnson-Lindenstrauss sketch M R.")
     sketch_ridge: float = _f(1e-3, "gamma: ridge term of the sketch projection.")
     max_length: int = _f(64, "Training examples are truncated to this many tokens.")
-    tokens_per_example: int = _f(24, "Logits mode: scored tokens of an example used per step, drawn "
-                                     "at random when it has more (an unbiased estimate of its loss).")
-    checkpoint_every: int = _f(50, "Write a resumable checkpoint every this many steps.")
+    tokens_per_example: int = _f(24, "Logits-space modes: scored tokens of an example (and of a "
+                                     "linearity probe) used per step, drawn at random when it has "
+                                     "more (an unbiased estimate of its loss); the step's cost "
+                                     "grows linearly with it.")
+    cache_memory_mb: float = _f(2048.0, "The pool's cached hidden states (16-bit) move to a file "
+                                        "in the run folder (memory-mapped, deleted after the fit) "
+                                        "when they would take more than this many MiB.",
+                                fingerprint=False)
+    cache: str = _f("auto", "Where the pool's hidden states live during the fit: 'memory', "
+                            "'disk' (a memory-mapped file in the run folder), 'auto' (disk when "
+                            "they exceed cache_memory_mb) or 'stream' (none: every step reruns "
+                            "the frozen model on its own examples; no pass over the pool first, "
+                            "for pools too large to pass over).", fingerprint=False)
+    precision: str = _f("auto", "'auto': the frozen model runs under bfloat16 autocast on a GPU "
+                                "that supports it and in float32 elsewhere; 'float32'; 'bfloat16' "
+                                "(GPU only). The operators and losses stay float32.",
+                        fingerprint=False)
+    keep_checkpoint: bool = _f(False, "Keep the fit's last checkpoints (fit/checkpoint*.safetensors, "
+                                      "operators plus optimiser state: about 3x operators.safetensors) "
+                                      "once the operators are written, so that damaged operators are "
+                                      "rebuilt from them without refitting. Off: they are deleted (a "
+                                      "refit is deterministic and gives the same operators).",
+                               fingerprint=False)
+    checkpoint_every: int = _f(50, "Write a resumable checkpoint every this many steps (and "
+                                   "always at the end and when stopped); it does not change "
+                                   "the result, so a run may be resumed with another value.",
+                               fingerprint=False)
     device: str = _f("auto", "'auto' (cuda when available), 'cpu' or 'cuda'.", fingerprint=False)
 
     def __post_init__(self) -> None:
@@ -92,9 +135,22 @@ class FitConfig:
         _check_range(self, "rank", 1, 4096, integer=True)
         if self.layer is not None:
             _check_range(self, "layer", 1, None, integer=True)
-        if self.mode not in ("logits", "residual"):
-            raise ConfigError(f"The 'mode' parameter of FitConfig must be 'logits' or 'residual'. "
-                              f"Got {self.mode!r} instead.")
+        if self.mode not in ("factored", "logits", "residual"):
+            raise ConfigError(f"The 'mode' parameter of FitConfig must be 'factored', 'logits' or "
+                              f"'residual'. Got {self.mode!r} instead.")
+        _check_range(self, "inner_rank", 1, 65536, integer=True)
+        if self.vocabulary not in ("subset", "pool", "full"):
+            raise ConfigError(f"The 'vocabulary' parameter of FitConfig must be 'subset', 'pool' "
+                              f"or 'full'. Got {self.vocabulary!r} instead.")
+        _check_range(self, "warmup", 0, 1)
+        _check_range(self, "linearity_operators", 1, 1_000_000, integer=True)
+        _check_range(self, "cache_memory_mb", 0, None)
+        if self.cache not in ("auto", "memory", "disk", "stream"):
+            raise ConfigError(f"The 'cache' parameter of FitConfig must be 'auto', 'memory', "
+                              f"'disk' or 'stream'. Got {self.cache!r} instead.")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"The 'precision' parameter of FitConfig must be 'auto', 'float32' "
+                              f"or 'bfloat16'. Got {self.precision!r} instead.")
         _check_range(self, "seed", 0, 2**32 - 1, integer=True)
         _check_range(self, "epochs", 0, 1000, lo_open=True)
         _check_range(self, "batch_size", 1, 65536, integer=True)
@@ -110,6 +166,9 @@ class FitConfig:
         _check_range(self, "max_length", 2, 1_000_000, integer=True)
         _check_range(self, "tokens_per_example", 1, 1_000_000, integer=True)
         _check_range(self, "checkpoint_every", 1, 1_000_000, integer=True)
+        if not isinstance(self.keep_checkpoint, bool):
+            raise ConfigError(f"The 'keep_checkpoint' parameter of FitConfig must be true or false. "
+                              f"Got {self.keep_checkpoint!r} instead.")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"The 'device' parameter of FitConfig must be 'auto', 'cpu' or "
                               f"'cuda'. Got {self.device!r} instead.")

@@ -6,6 +6,7 @@ first one ranks (MRR). Used by ``python -m stride_viz demo`` and by the dashboar
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,12 +16,12 @@ import numpy as np
 from stride_viz.config import FitConfig, RecoveryConfig
 from stride_viz.engine import Attribution, QueryError, Stride
 from stride_viz.evaluation.metrics import mrr, recall_at_k
-from stride_viz.data.models import data_home, load_model
+from stride_viz.data.models import LoadedModel, data_home, load_model
 from stride_viz.data.pools import Pool, Query, fact_queries, load_pool
 from stride_viz.progress import no_progress
 from stride_viz.storage import write_json
 
-__all__ = ["run_demo", "DEMO_POOL", "FREE_PROMPT", "fact_metrics", "default_run_dir"]
+__all__ = ["run_demo", "DEMO_POOL", "FREE_PROMPT", "fact_metrics", "facts_said", "default_run_dir"]
 
 DEMO_POOL = "fortunes+facts"
 FREE_PROMPT = "A wise man once said"
@@ -44,6 +45,27 @@ def fact_metrics(pool: Pool, attributions: list[Attribution], k: int = 10) -> di
     relevant = [rel for _, rel in rows]
     return {f"recall_at_{k}": recall_at_k(scores, relevant, k), "mrr": mrr(scores, relevant),
             "queries": len(rows)}
+
+
+def facts_said(model: LoadedModel, pool: Pool, max_new_tokens: int = 8) -> dict:
+    """Whether the model *says* each planted fact: its greedy continuation of the fact's query
+    prompt starts with the answer word (``" Quessit."`` -> ``Quessit``; punctuation after it
+    is ignored). Returns ``{"said": n, "of": n_facts, "rate": n / n_facts, "queries": [{"id",
+    "prompt", "answer", "continuation", "said"}, ...]}``."""
+    from stride_viz.method.frozen import FrozenLM
+    from stride_viz.method.measurement import generate
+
+    lm = FrozenLM(model.model)
+    rows = []
+    for fact in pool.facts:
+        q = fact.query
+        answer = (q.completion or "").strip().rstrip(".")
+        text = generate(lm, model.tokenizer, q.prompt, max_new_tokens)[0]
+        first = re.match(r"\s*([^\s.,;:!?]+)", text)
+        rows.append({"id": q.id, "prompt": q.prompt, "answer": answer, "continuation": text,
+                     "said": bool(first) and first.group(1) == answer})
+    said = sum(r["said"] for r in rows)
+    return {"said": said, "of": len(rows), "rate": said / max(1, len(rows)), "queries": rows}
 
 
 def run_demo(preset: str = "tiny", config: Optional[FitConfig] = None,

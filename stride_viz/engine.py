@@ -20,20 +20,24 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from stride_viz.config import ConfigError, FitConfig, RecoveryConfig
 from stride_viz.method.measurement import QueryResponses, generate, measure
-from stride_viz.data.models import LoadedModel, load_model
+from stride_viz.data.models import LoadedModel, load_model, resolve_device
+from stride_viz.method import distributed
 from stride_viz.method.frozen import FrozenLM
 from stride_viz.method.operators import SteeringOperators
 from stride_viz.data.pools import Pool, Query
 from stride_viz.progress import StageTimer, no_progress
 from stride_viz.method.recovery import Recoverer, Recovery, load_recovery, save_recovery
+from stride_viz.integrity import RunDamaged, read_checked, set_aside, warn
+from stride_viz.runlock import run_lock
 from stride_viz.storage import RunMismatch, RunStore, read_json, write_json
 from stride_viz.method.subsets import design_subsets
 from stride_viz.data.tokenize import encode
-from stride_viz.method.training import Trainer, build_cache
+from stride_viz.method.cache import build_cache, tokenize_pool
+from stride_viz.method.checkpoint import CHECKPOINT, PREVIOUS
+from stride_viz.method.training import Trainer
 
 __all__ = ["Stride", "Attribution", "read_attribution", "RunMismatch", "QueryError"]
 
@@ -104,6 +108,7 @@ class Stride:
     def __init__(self, store: RunStore, model: LoadedModel, pool: Pool, config: FitConfig) -> None:
         self.store, self.model, self.pool, self.config = store, model, pool, config
         self.lm = FrozenLM(model.model, config.layer)
+        distributed.init(self.lm.device)  # joins a torchrun launch; nothing for one process
         self._operators: Optional[SteeringOperators] = None
         self._recoverer: Optional[Recoverer] = None
         self._recoverer_config: Optional[RecoveryConfig] = None
@@ -126,31 +131,52 @@ class Stride:
         store = RunStore(run_dir)
         self = cls(store, model, pool, config)
         meta = self._meta()
-        if store.exists():
-            store.check_meta(meta)
-        else:
-            store.root.mkdir(parents=True, exist_ok=True)
-            store.write_pool(pool)
-            store.write_membership(design_subsets(len(pool), config.subsets, config.per_example,
-                                                  config.seed))
-            store.write_meta(meta)
-        self.membership = store.read_membership()
+        design = lambda: design_subsets(len(pool), config.subsets, config.per_example, config.seed)
+
+        def prepare():
+            if store.exists():
+                # a damaged run.json, pool or design is repaired from what was given (one warning)
+                store.check_meta(meta, repair=True)
+                store.check_pool(pool)
+            else:
+                store.root.mkdir(parents=True, exist_ok=True)
+                store.write_pool(pool)
+                store.write_membership(design())
+                store.write_meta(meta)  # last: a run.json means the rest is on disk
+            return store.read_membership(rebuild=design)
+
+        # under torchrun rank 0 alone writes the run folder; the others receive the design
+        self.membership = distributed.from_writer(prepare)
         return self
 
     @classmethod
-    def open(cls, run_dir: str | Path, device: str = "auto",
-             trust_remote_code: bool = False) -> "Stride":
-        """Reopen a run from its directory alone (loads the model named in run.json)."""
+    def open(cls, run_dir: str | Path, device: str = "auto", trust_remote_code: bool = False,
+             repair: bool = False) -> "Stride":
+        """Reopen a run from its directory alone (loads the model named in run.json). Its
+        files are checked first: a damaged one raises RunDamaged naming the fix, or, with
+        ``repair`` (a fit), run.json and the design are restored with a warning."""
         store = RunStore(run_dir)
-        meta = store.read_meta()
-        config = FitConfig.from_dict({**meta["config"], "device": device})
+        distributed.init(resolve_device(device))
+
+        def read():
+            meta = store.read_meta(repair=repair)
+            config = FitConfig.from_dict({**meta["config"], "device": device})
+            problem = store.operators_problem() if store.is_fitted() and not repair else None
+            if problem:  # found before the model is loaded; a fit (repair) rebuilds them
+                raise store.damaged_operators(problem)
+            pool = store.read_pool()
+            design = lambda: design_subsets(len(pool), config.subsets, config.per_example, config.seed)
+            return meta, config, pool, store.read_membership(rebuild=design if repair else None)
+
+        # under torchrun rank 0 reads (and repairs) the folder; the others receive what it read
+        meta, config, pool, membership = distributed.from_writer(read)
         model = load_model(meta["model"]["spec"], device=device, trust_remote_code=trust_remote_code)
         if model.hash != meta["model"]["hash"]:
             raise RunMismatch(f"The model {meta['model']['spec']} has changed since the run "
                               f"{store.root} was fitted (weights hash {model.hash}, run has "
                               f"{meta['model']['hash']}). Fit a new run for the new weights.")
-        self = cls(store, model, store.read_pool(), config)
-        self.membership = store.read_membership()
+        self = cls(store, model, pool, config)
+        self.membership = membership
         return self
 
     def _meta(self) -> dict:
@@ -170,30 +196,70 @@ class Stride:
 
     # ------------------------------------------------------------------ stages 1-2
     def fit(self, progress: Callable[..., None] = no_progress,
-            should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Train the operators (resuming from a checkpoint when there is one); a no-op when the
-        run is already fitted."""
-        if self.store.is_fitted():
-            progress("fit", 1.0, 0.0, "operators already fitted: reused")
+            should_stop: Callable[[], bool] = lambda: False, wait: bool = False,
+            restart: bool = False) -> None:
+        """Train the operators, resuming from the newest intact checkpoint; a no-op when the
+        run is already fitted (damaged operators are set aside and rebuilt).
+
+        The fit holds the run folder's writer lock (:mod:`stride_viz.runlock`): while another
+        process fits this folder it raises RunLocked, or with ``wait`` waits for it and then
+        reuses its result. ``restart`` discards the checkpoints and the operators first (run.json,
+        the pool, the design and the attributions are kept)."""
+        # under torchrun rank 0 alone takes the lock, decides and writes; the others follow it
+        if not restart and distributed.from_writer(lambda: self._reusable(progress)):
             return
+        with distributed.writer_context(lambda: run_lock(self.store.root, "fit", wait=wait,
+                                                         should_stop=should_stop)):
+            if restart:
+                distributed.from_writer(self.store.discard_fit)
+                self._operators = None
+            elif distributed.from_writer(lambda: self._reusable(progress, repair=True)):
+                return                                   # the fit we waited for wrote them
+            self._fit(progress, should_stop)
+
+    def _reusable(self, progress: Callable[..., None], repair: bool = False) -> bool:
+        """Whether intact operators are already on disk; with ``repair`` (under the lock),
+        damaged ones are set aside with a warning so that the fit rebuilds them."""
+        if not self.store.is_fitted():
+            return False
+        problem = self.store.operators_problem()
+        if problem is None:
+            progress("fit", 1.0, 0.0, "operators already fitted: reused")
+            return True
+        if repair:
+            warn(f"warning: {self.store.operators_path} is damaged ({problem}); set aside as "
+                 f"{set_aside(self.store.operators_path).name}, rebuilding it")
+        return False
+
+    def _fit(self, progress: Callable[..., None], should_stop: Callable[[], bool]) -> None:
         t0 = time.monotonic()
         torch.manual_seed(self.config.seed)
         max_len = min(self.config.max_length, self.max_tokens)
-        enc = encode(self.model.tokenizer, self.pool.prompts, self.pool.completions, max_len)
-        if int(enc.loss_mask.sum()) == 0:
+        tokens = tokenize_pool(self.model.tokenizer, self.pool.prompts, self.pool.completions, max_len)
+        if not tokens.scored.any():
             raise ConfigError("No training example has a token to learn from (all completions are "
                               "empty or cut off): check the pool's completion column and --max-length.")
-        cache = build_cache(self.lm, enc, self.config.mode, progress=progress)
-        trainer = Trainer(self.lm, cache, self.membership, self.config)
-        trainer.train(self.store.fit_dir, progress=progress, should_stop=should_stop)
-        tmp = self.store.operators_path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.operators.state_dict().items()},
-                  str(tmp))
-        tmp.replace(self.store.operators_path)
-        state = read_json(self.store.fit_dir / "state.json")
-        state.update(seconds=time.monotonic() - t0, finished=_now(),
-                     truncated_examples=int(enc.truncated.sum()))
-        write_json(self.store.fit_dir / "state.json", state)
+        cfg = self.config
+        cache = build_cache(self.lm, tokens, cfg.mode, cfg.vocabulary, memory_mb=cfg.cache_memory_mb,
+                            work_dir=self.store.fit_dir, precision=cfg.precision, kind=cfg.cache,
+                            progress=progress)
+        try:
+            trainer = Trainer(self.lm, cache, self.membership, cfg)
+            trainer.train(self.store.fit_dir, progress=progress, should_stop=should_stop)
+        finally:
+            cache.close()
+
+        def write() -> None:  # rank 0 alone under torchrun: every rank holds these operators
+            self.store.write_operators(trainer.operators.to_tensors())
+            if not cfg.keep_checkpoint:   # the fit is done: its checkpoints are ~3x the operators
+                for name in (CHECKPOINT, PREVIOUS):
+                    (self.store.fit_dir / name).unlink(missing_ok=True)
+            state = read_json(self.store.fit_dir / "state.json")
+            state.update(seconds=time.monotonic() - t0, finished=_now(),
+                         truncated_examples=tokens.truncated, processes=distributed.world_size())
+            write_json(self.store.fit_dir / "state.json", state)
+
+        distributed.from_writer(write)
         self._operators = trainer.operators.eval()
 
     @property
@@ -202,11 +268,15 @@ class Stride:
             if not self.store.is_fitted():
                 raise RuntimeError(f"The run {self.store.root} has no fitted operators yet: run "
                                    "fit() (CLI: python -m stride_viz fit) first.")
-            tensors = load_file(str(self.store.operators_path), device=str(self.lm.device))
-            K, r, out = tensors["A"].shape
-            ops = SteeringOperators(K, tensors["basis"].shape[1], r, out, torch.Generator(),
-                                    rms_scale=self.config.mode == "residual")
-            ops.load_state_dict(tensors)
+            tensors = self.store.read_operators(device=str(self.lm.device))
+            try:
+                ops = SteeringOperators.from_tensors(tensors, rms_scale=self.config.mode == "residual")
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise self.store.damaged_operators(f"not the operators of this run: "
+                                                   f"{str(e).splitlines()[0][:120]}") from None
+            if ops.n_operators != self.membership.shape[0]:
+                raise self.store.damaged_operators(f"{ops.n_operators} operators, the design "
+                                                   f"has {self.membership.shape[0]} subsets")
             self._operators = ops.to(self.lm.device).eval()
         return self._operators
 
@@ -240,7 +310,8 @@ class Stride:
 
     def measure(self, query: Query) -> QueryResponses:
         """Stage 3 alone: the K responses of a query with a completion."""
-        return measure(self.lm, self.operators, self.config.mode, self._encode_query(query))[0]
+        return measure(self.lm, self.operators, self.config.mode, self._encode_query(query),
+                       precision=self.config.precision)[0]
 
     def attribute(self, queries: Sequence[Query], recovery: RecoveryConfig = RecoveryConfig(),
                   progress: Callable[..., None] = no_progress,
@@ -263,7 +334,8 @@ class Stride:
         for done, q in enumerate(queries):
             t0 = time.monotonic()
             q, generated = self._complete(q)
-            measured = measure(self.lm, ops, self.config.mode, self._encode_query(q))[0]
+            measured = measure(self.lm, ops, self.config.mode, self._encode_query(q),
+                               precision=self.config.precision)[0]
             t1 = time.monotonic()
             rec = self.recoverer(recovery).recover(measured.responses)
             t2 = time.monotonic()
@@ -274,24 +346,24 @@ class Stride:
 
     def _write(self, q: Query, generated: bool, measured: QueryResponses, rec: Recovery,
                recovery: RecoveryConfig, s_resp: float, s_rec: float, continuations: bool) -> "Attribution":
-        folder = self.store.attribution_dir(q.id)
-        folder.mkdir(parents=True, exist_ok=True)
         tok = self.model.tokenizer
         info = {"id": q.id, "prompt": q.prompt, "completion": q.completion,
                 "completion_generated": generated,
                 "tokens": [tok.decode([int(t)]) for t in measured.token_ids],
                 "token_loss": [float(x) for x in measured.token_loss],
                 "loss_base": measured.loss_base}
-        write_json(folder / "query.json", info)
-        self.store.save_array(q.id, "responses.npy", measured.responses.astype(np.float32))
-        save_recovery(rec, folder)
-        if continuations:
-            self._write_continuations(q, measured.responses)
-        write_json(folder / "meta.json", {"seconds_responses": s_resp, "seconds_recovery": s_rec,
-                                          "recovery_config": recovery.to_dict(), "created": _now()})
-        return Attribution(q, measured.responses, rec, info, folder)
+        # written whole into a private folder, then swapped in (see RunStore.writing_attribution)
+        with self.store.writing_attribution(q.id) as folder:
+            write_json(folder / "query.json", info)
+            np.save(folder / "responses.npy", measured.responses.astype(np.float32))
+            save_recovery(rec, folder)
+            if continuations:
+                self._write_continuations(q, measured.responses, folder)
+            write_json(folder / "meta.json", {"seconds_responses": s_resp, "seconds_recovery": s_rec,
+                                              "recovery_config": recovery.to_dict(), "created": _now()})
+        return Attribution(q, measured.responses, rec, info, self.store.attribution_dir(q.id))
 
-    def _write_continuations(self, q: Query, responses: np.ndarray) -> None:
+    def _write_continuations(self, q: Query, responses: np.ndarray, folder: Path) -> None:
         order = np.argsort(-responses)
         picks = list(dict.fromkeys(int(k) for k in list(order[:CONTINUATION_OPERATORS])
                                    + list(order[::-1][:CONTINUATION_OPERATORS])))
@@ -299,7 +371,7 @@ class Stride:
         data = {"prompt": q.prompt, "base": texts[0],
                 "operators": [{"k": k, "response": float(responses[k]), "text": t}
                               for k, t in zip(picks, texts[1:])]}
-        write_json(self.store.attribution_dir(q.id) / "continuations.json", data)
+        write_json(folder / "continuations.json", data)
 
     def _generate(self, prompt: str, ks: list) -> list[str]:
         return generate(self.lm, self.model.tokenizer, prompt, CONTINUATION_TOKENS,
@@ -315,22 +387,33 @@ class Stride:
         folder = self.store.attribution_dir(query_id)
         if not (folder / "query.json").exists():
             raise QueryError(f"The run has no attribution for query {query_id!r}.")
-        info = read_json(folder / "query.json")
-        responses = np.load(folder / "responses.npy")
+        fix = self.store.attribution_fix(query_id)
+        info = read_json(folder / "query.json", fix=fix)
+        responses = read_checked(folder / "responses.npy", np.load, fix)
         text = self._generate(info["prompt"], [k])[0]
-        path = folder / "continuations.json"
-        data = read_json(path) if path.exists() else {"prompt": info["prompt"], "operators": []}
-        data["operators"] = [o for o in data["operators"] if o["k"] != k]
-        data["operators"].append({"k": k, "response": float(responses[k]), "text": text})
-        write_json(path, data)
+        with self.store.updating_attribution(query_id) as folder:  # one writer at a time
+            path = folder / "continuations.json"
+            data = read_json(path) if path.exists() else {"prompt": info["prompt"], "operators": []}
+            data["operators"] = [o for o in data["operators"] if o["k"] != k]
+            data["operators"].append({"k": k, "response": float(responses[k]), "text": text})
+            write_json(path, data)
         return text
 
 
 def read_attribution(run_dir: str | Path, query_id: str) -> Attribution:
-    """Reread a finished attribution from disk (numpy only, no model)."""
-    folder = RunStore(run_dir).attribution_dir(query_id)
+    """Reread a finished attribution from disk (numpy only, no model); a damaged file raises
+    RunDamaged naming it."""
+    store = RunStore(run_dir)
+    folder = store.attribution_dir(query_id)
     if not (folder / "meta.json").exists():
         raise FileNotFoundError(f"No finished attribution for query {query_id!r} in {run_dir}.")
-    info = read_json(folder / "query.json")
+    fix = store.attribution_fix(query_id)
+    info = read_json(folder / "query.json", fix=fix)
+    arrays = {name: read_checked(folder / name, np.load, fix)
+              for name in ("responses.npy", "scores.npy", "backprojection.npy")}
+    recovery = read_checked(folder / "path.npz", lambda p: load_recovery(p.parent), fix)
+    if arrays["scores.npy"].shape != arrays["backprojection.npy"].shape:
+        raise RunDamaged(folder / "scores.npy", "is damaged (its shape differs from "
+                         "backprojection.npy's)", fix)
     query = Query(info["id"], info["prompt"], info["completion"])
-    return Attribution(query, np.load(folder / "responses.npy"), load_recovery(folder), info, folder)
+    return Attribution(query, arrays["responses.npy"], recovery, info, folder)

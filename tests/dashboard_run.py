@@ -74,3 +74,32 @@ def tiny_demo_home(tmp_path_factory) -> Path:
 def tiny_demo_info(home: Path) -> dict:
     """{"job_id", "run_dir", "result"} of the tiny demo job."""
     return json.loads((home / "tiny_demo_job.json").read_text())
+
+
+# Text that must stay text wherever the dashboard shows it (Markdown, Plotly, HTML, CSV).
+HOSTILE = ('<a href="https://evil.example/a">link</a> [t](https://evil.example/md) '
+           '![i](https://evil.example/i.png) <img src="https://evil.example/img.png"> '
+           '<script>window.pwned = 1</script> www.evil.example :red[x] $x^2$ %{x}')
+HOSTILE_CELL = '=HYPERLINK("https://evil.example/c","x")'
+
+
+def hostile_copy(run_dir: str | Path, home: Path) -> Path:
+    """A copy of a finished run under ``home/runs`` whose pool ids and texts are hostile: ids
+    ``<b>i</b>…``-style HTML and Markdown plus a formula cell, texts :data:`HOSTILE` before the
+    original text. Returns the copy's folder (the newest run of ``home``)."""
+    import shutil
+    src = Path(run_dir)
+    dst = home / "runs" / f"{src.name}-hostile"
+    shutil.copytree(src, dst)
+    rows = [json.loads(line) for line in (dst / "pool.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["id"] = (f'<a href="https://evil.example/{i}">id{i}</a>' if i % 2 else
+                     f"[id{i}](https://evil.example/{i})" if i % 3 else f"{HOSTILE_CELL[:-1]}{i})")
+        row["prompt"] = HOSTILE + " " + (row.get("prompt") or "")
+    (dst / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    facts = dst / "facts.json"
+    if facts.exists():
+        facts.unlink()  # its source ids name the original pool
+    now = time.time()
+    os.utime(dst / "run.json", (now, now))
+    return dst

@@ -1,7 +1,10 @@
-"""The real thing: `streamlit run app.py` on 127.0.0.1, driven by headless Chromium through
+"""The real thing: a plain `streamlit run app.py`, driven by headless Chromium through
 Selenium. Launch the demo from the Launch page, wait for it, open Explore through the link the
 finished job shows, and check that the three charts are drawn with data. A screenshot is saved
-in tmp_path and copied to /tmp/stride_screenshot.png.
+in tmp_path and copied to /tmp/stride_screenshot.png. Then hostile text: a shared link whose
+?run= is Markdown and HTML, on a run whose pool ids and texts are too, renders no link, image
+or script; and every request the browser made went to the server on 127.0.0.1, which listens
+on loopback only (from .streamlit/config.toml: no address is passed).
 
 Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: apt-get install chromium
 chromium-driver; .ci/run installs them). The test fails rather than skips without them, unless
@@ -16,12 +19,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
-from dashboard_run import TINY_DEMO_ENV, wait_job
+from dashboard_run import HOSTILE, TINY_DEMO_ENV, hostile_copy, wait_job
 from stride_viz.jobs import JobStore, LocalProcessExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +64,10 @@ def server(tmp_path):
     port = _free_port()
     env = {**os.environ, "STRIDE_VIZ_HOME": str(home), **TINY_DEMO_ENV}
     log = open(tmp_path / "streamlit.log", "w")
+    # no --server.address: .streamlit/config.toml alone must keep the server on loopback
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
+        [sys.executable, "-m", "streamlit", "run", "app.py",
+         "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
@@ -74,6 +79,9 @@ def server(tmp_path):
 
     try:
         _wait(healthy, 90, "the Streamlit server")
+        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening and listening <= {"127.0.0.1", "::1"}, f"listens on {listening}"
         yield url, home
     finally:
         proc.terminate()
@@ -95,6 +103,7 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1400,5200"]:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})   # every network request
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
     try:
@@ -127,6 +136,62 @@ def _plot_summary(driver) -> list[dict]:
             values: (el.calcdata || []).reduce((n, cd) => n + (cd ? cd.length : 0), 0),
             title: (el.layout && el.layout.title && el.layout.title.text) || ''
         }));""")
+
+
+def _requested_urls(driver) -> list[str]:
+    """The URLs of every request and websocket the page made since the last call (the
+    performance log is drained by reading it)."""
+    import json
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+        elif message["method"] == "Network.webSocketCreated":
+            urls.append(message["params"]["url"])
+    return urls
+
+
+def _foreign(urls: list[str]) -> list[str]:
+    """URLs that leave the machine: any http(s)/ws(s) host but 127.0.0.1 (data:, blob: and the
+    browser's own chrome:// pages stay inside)."""
+    return [u for u in urls if urllib.parse.urlsplit(u).scheme in ("http", "https", "ws", "wss")
+            and urllib.parse.urlsplit(u).hostname != "127.0.0.1"]
+
+
+_RESPONSES_SIGNATURE = """
+    const el = document.querySelectorAll('.js-plotly-plot')[2];
+    return el && el.calcdata ? JSON.stringify((el.data || []).map(t => [t.name, t.x, t.y])) : null;"""
+
+
+def _explain_in_browser(driver, prompt: str, completion: str) -> float:
+    """Type a prompt and a completion into Explore's "Explain" box and click "Explain"; the
+    seconds from the click until the URL names the new query and its charts are drawn (the
+    responses chart shows data other than before the click)."""
+    from selenium.webdriver.common.by import By
+    from stride_viz.jobs import query_id_for
+
+    qid = query_id_for(prompt, completion)
+    box = driver.find_element(By.CSS_SELECTOR, "textarea[aria-label='Explain a new prompt']")
+    box.clear()
+    box.send_keys(prompt)
+    field = driver.find_element(By.CSS_SELECTOR, "input[aria-label='Completion (optional)']")
+    field.clear()
+    field.send_keys(completion)
+    before = driver.execute_script(_RESPONSES_SIGNATURE)
+    button = next(b for b in driver.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "Explain")
+    t0 = time.monotonic()
+    button.click()
+
+    def shown():
+        if f"query={qid}" not in driver.current_url:
+            return False
+        charts = _plot_summary(driver)
+        after = driver.execute_script(_RESPONSES_SIGNATURE)
+        return len(charts) == 3 and all(c["values"] > 0 for c in charts) and after not in (None, before)
+
+    _wait(shown, 120, f"the charts of the new query {qid}", poll=0.05)
+    return time.monotonic() - t0
 
 
 def test_demo_from_launch_page_to_explore_charts(server, browser, tmp_path):
@@ -176,4 +241,42 @@ def test_demo_from_launch_page_to_explore_charts(server, browser, tmp_path):
         "const el = document.querySelectorAll('.js-plotly-plot')[2];"
         "return el && el.data.some(t => (t.name || '').startsWith('subsets containing'));"), 60,
         "the responses of the subsets holding the selected example")
+
+    # a new prompt from Explore's "Explain" box: from the click to its charts on screen, first
+    # (the run's explainer process starts and loads the model) and then warm
+    times = [_explain_in_browser(browser, "Money is", " power."),
+             _explain_in_browser(browser, "Time is", " money.")]
+    print(f"\nExplain, click to the new query's charts: first {times[0]:.2f} s, warm {times[1]:.2f} s")
+    (tmp_path / "explain_seconds.txt").write_text(f"first {times[0]:.2f}\nwarm {times[1]:.2f}\n")
+    assert times[1] <= 3.0, f"a warm Explain took {times[1]:.2f} s from the click to the charts"
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
+
+    # hostile text: a shared link whose ?run= is Markdown + HTML, falling back to the newest run,
+    # whose pool ids and texts are hostile too
+    hostile_copy(job.run_dir, home)
+    browser.get(f"{url}/Explore?" + urllib.parse.urlencode({"run": HOSTILE, "query": HOSTILE}))
+    _wait(three_charts_with_data, 90, "three Plotly charts on the hostile run")
+    _wait(lambda: "evil.example/md" in browser.find_element(By.TAG_NAME, "body").text, 30,
+          "the hostile text, shown as text")
+    time.sleep(1.0)
+    live = browser.execute_script("""
+        const outside = u => { try { const h = new URL(u, location.href);
+                                     return !['data:', 'blob:'].includes(h.protocol) && h.hostname !== '127.0.0.1'; }
+                               catch (e) { return true; } };
+        return {
+            links: Array.from(document.querySelectorAll('a[href]')).map(a => a.href).filter(outside),
+            svgLinks: Array.from(document.querySelectorAll('svg a')).map(a => a.outerHTML.slice(0, 200)),
+            images: Array.from(document.querySelectorAll('img')).map(i => i.src).filter(outside),
+            scripts: Array.from(document.querySelectorAll('script')).filter(s => s.textContent.includes('pwned')).length,
+            pwned: window.pwned === 1,
+            uploadButtons: document.querySelectorAll('[data-title*="Cloud"], [data-title*="Chart Studio"], '
+                                                   + '.modebar-btn--logo').length,
+        };""")
+    assert live == {"links": [], "svgLinks": [], "images": [], "scripts": 0, "pwned": False,
+                    "uploadButtons": 0}, live
+    assert browser.execute_script("return document.querySelectorAll('.js-plotly-plot').length") == 3
+    shot = tmp_path / "explore-hostile.png"
+    browser.save_screenshot(str(shot))
+    urls = _requested_urls(browser)
+    assert urls and not _foreign(urls), _foreign(urls)
 

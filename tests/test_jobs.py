@@ -120,8 +120,51 @@ def test_resume_continues_from_the_checkpoint(ex, tmp_path):
     assert job.state == "done" and job.attempts == 2
     assert job.result == {"start_step": saved, "steps_run": 30 - saved}
     assert "resumed (attempt 2)" in job.log
+    assert job.elapsed_before >= 0.1 * saved and job.elapsed_seconds > job.elapsed_before  # both attempts
     with pytest.raises(JobError, match="only failed or cancelled"):
         ex.resume(job_id)
+
+
+def test_a_resumed_job_keeps_the_time_its_earlier_attempts_ran(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from stride_viz.jobs import store as store_module
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(store_module, "time", SimpleNamespace(time=lambda: clock.now))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = store.create("sleep", {"seconds": 1})
+    assert store.get(job_id).elapsed_seconds is None                 # never started
+    assert store.try_start(job_id) == "started"
+    clock.now = 1100.0
+    assert store.get(job_id).elapsed_seconds == pytest.approx(100)    # running
+    store.finish(job_id, "failed", error="killed")
+    clock.now = 5000.0                                                # an hour later, resumed
+    store.requeue(job_id)
+    job = store.get(job_id)
+    assert job.state == "queued" and job.started is None and job.elapsed_seconds == pytest.approx(100)
+    clock.now = 5100.0
+    store.try_start(job_id)
+    clock.now = 5130.0
+    assert store.get(job_id).elapsed_seconds == pytest.approx(130)    # the waiting time does not count
+    store.request_cancel(job_id)
+    clock.now = 6000.0
+    store.requeue(job_id)
+    assert store.get(job_id).elapsed_before == pytest.approx(130)
+
+
+def test_an_older_job_table_gains_the_elapsed_column(tmp_path):
+    import sqlite3
+    from stride_viz.jobs.store import _SCHEMA
+    path = tmp_path / "jobs.sqlite"
+    con = sqlite3.connect(path)
+    older = _SCHEMA.replace(",\n    elapsed_before REAL NOT NULL DEFAULT 0", "")
+    assert "elapsed_before" not in older
+    con.executescript(older)
+    con.execute("INSERT INTO jobs (kind, params, state, created, queued_at) VALUES ('sleep', '{}', 'done', 1, 1)")
+    con.commit()
+    con.close()
+    store = JobStore(path)
+    assert store.get(1).elapsed_before == 0.0 and store.get(1).state == "done"
+    JobStore(path)                                                    # a second open adds nothing
 
 
 def test_killed_worker_shows_failed_and_can_be_resumed(ex, tmp_path):
@@ -267,3 +310,82 @@ def test_failing_job_keeps_message_and_traceback(demo, tmp_path, monkeypatch):
     assert job.state == "failed"
     assert job.error.startswith("PoolError") and "does not exist" in job.error
     assert "Traceback" in job.traceback and "load_pool" in job.traceback
+
+
+# ----------------------------------------------------------------------------- the warm explainer
+
+@pytest.fixture
+def explain_ex(demo, tmp_path, monkeypatch):
+    """An executor on a fresh job table, with a private copy of the tiny demo run (explained
+    prompts are added to it), and explainers that exit after 4 idle seconds."""
+    import shutil
+    home, info = demo
+    monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("STRIDE_VIZ_EXPLAINER_IDLE", "4")
+    run = tmp_path / "runs" / Path(info["run_dir"]).name
+    shutil.copytree(info["run_dir"], run)
+    executor = LocalProcessExecutor(JobStore(tmp_path / "jobs.sqlite"))
+    yield executor, str(run)
+    from stride_viz.jobs.explainer import explainer_record
+    record = explainer_record(executor.store, run)
+    if record is not None:                      # never leave an explainer behind
+        os.kill(record["pid"], signal.SIGTERM)
+        psutil.Process(record["pid"]).wait(timeout=30)
+
+
+def test_explain_jobs_are_served_by_one_warm_explainer_per_run(explain_ex):
+    from stride_viz.jobs import query_id_for
+    from stride_viz.jobs.explainer import explainer_record
+    ex, run = explain_ex
+    first = wait_job(ex.store, ex.submit("explain", {"run_dir": run, "prompt": "Money is",
+                                                     "completion": " power."}), timeout=180)
+    assert first.state == "done", first.error + first.log
+    record = explainer_record(ex.store, run)
+    assert record is not None and record["state"] == "ready" and first.pid == record["pid"]
+    # detached like a worker: not our child, in its own session
+    assert os.getsid(record["pid"]) != os.getsid(0)
+    assert record["pid"] not in [c.pid for c in psutil.Process().children(recursive=True)]
+    qid = query_id_for("Money is", " power.")
+    assert first.result["query_ids"] == [qid] and first.run_dir == run
+    assert (Path(run) / "attributions" / qid / "meta.json").exists()
+
+    # warm: the same process answers the next request, without loading anything again
+    t0 = time.monotonic()
+    second = wait_job(ex.store, ex.submit("explain", {"run_dir": run, "prompt": "Time is",
+                                                      "completion": " money."}), timeout=60)
+    warm_seconds = time.monotonic() - t0
+    assert second.state == "done" and second.pid == record["pid"], second.error
+    assert warm_seconds < 5.0, f"a warm request took {warm_seconds:.2f} s"
+
+    # no completion: the model completes the prompt; this tiny model writes only spaces, so
+    # the request fails with the engine's one-line reason and the explainer keeps serving
+    blank = wait_job(ex.store, ex.submit("explain", {"run_dir": run, "prompt": "The capital of"}), timeout=60)
+    assert blank.state == "failed" and "produced no completion" in blank.error and "\n" not in blank.error
+    assert blank.pid == record["pid"]
+
+    # a cancelled request does not stop the explainer that serves the others
+    job_id = ex.submit("explain", {"run_dir": run, "prompt": "Cancel me", "completion": " now."})
+    ex.cancel(job_id)
+    assert ex.store.get(job_id).state == "cancelled"
+    third = wait_job(ex.store, ex.submit("explain", {"run_dir": run, "prompt": "Still", "completion": " here."}),
+                     timeout=60)
+    assert third.state == "done" and third.pid == record["pid"]
+    assert ex.store.get(job_id).state == "cancelled"
+
+    # it exits by itself after the idle timeout (4 s here), and its record goes with it
+    psutil.Process(record["pid"]).wait(timeout=60)
+    assert explainer_record(ex.store, run) is None
+
+
+def test_explain_refuses_bad_input_before_queueing(explain_ex, tmp_path):
+    from stride_viz.jobs.kinds import MAX_PROMPT_CHARS
+    ex, run = explain_ex
+    for params, message in [({"run_dir": run, "prompt": "   "}, "Type a prompt"),
+                            ({"run_dir": run, "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "shorten it to at most"),
+                            ({"run_dir": run, "prompt": "ok", "completion": "y" * (MAX_PROMPT_CHARS + 1)},
+                             "The completion is"),
+                            ({"run_dir": str(tmp_path / "nowhere"), "prompt": "ok"}, "has no run.json")]:
+        with pytest.raises(JobError, match=message):
+            ex.submit("explain", params)
+    assert ex.store.list() == []

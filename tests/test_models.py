@@ -253,3 +253,50 @@ def test_epoch_batches_cover_every_example_once_and_group_lengths():
     assert padded < 0.8 * random_padded
     again = models._epoch_batches(lengths, 8, torch.Generator().manual_seed(1))
     assert all(torch.equal(x, y) for x, y in zip(batches, again))
+
+
+def test_a_shipped_checkpoint_is_loaded_instead_of_training_when_it_fits_the_recipe(monkeypatch, tmp_path, pool):
+    from stride_viz import integrity
+    monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(models.DEMO_PRESETS, "tiny", {**models.DEMO_PRESETS["tiny"], **TINY, "steps": 2})
+    monkeypatch.setattr("stride_viz.data.pools.load_pool", lambda name: pool)
+    monkeypatch.setattr(models, "SHIPPED_DEMO_DIR", tmp_path / "shipped")
+    shipped = train_demo_model(pool, tmp_path / "shipped" / "tiny", "tiny")     # what train-model writes
+    manifest = json.loads((shipped / models.MANIFEST).read_text())
+    assert manifest["settings"] == demo_settings("tiny") and manifest["pool_hash"] == pool.hash
+    calls = []
+    lm = load_model("demo", device="cpu", progress=lambda *a: calls.append(a))
+    assert calls == [] and lm.hash == manifest["weights_hash"]                  # loaded, not trained
+    assert models.demo_model_source("tiny") == shipped and not (tmp_path / "home" / "models").exists()
+    # a checkpoint made by another recipe does not stand in for this one
+    monkeypatch.setitem(models.DEMO_PRESETS, "tiny", {**models.DEMO_PRESETS["tiny"], "lr": 1e-3})
+    assert models.demo_model_source("tiny") is None and not models.demo_model_available("tiny")
+    monkeypatch.setitem(models.DEMO_PRESETS, "tiny", {**models.DEMO_PRESETS["tiny"], "lr": manifest["settings"]["lr"]})
+    # weights that differ from the recorded hash: a warning, and the model is trained instead
+    (shipped / models.MANIFEST).write_text(json.dumps({**manifest, "weights_hash": "0" * 16}))
+    warnings = []
+    integrity.warnings_to(warnings.append)
+    try:
+        rebuilt = load_model("demo", device="cpu", progress=lambda *a: calls.append(a))
+    finally:
+        integrity.warnings_to(None)
+    assert len(warnings) == 1 and "not the 0000000000000000" in warnings[0]
+    assert calls and (tmp_path / "home" / "models" / "demo-tiny" / models.MANIFEST).exists()
+    assert rebuilt.hash == lm.hash                                              # same recipe, same seed
+
+
+def test_fact_repeats_show_the_fact_documents_more_often(pool):
+    from stride_viz.data.records import Fact, Query
+    facts = (Fact(Query("f", "Where is Quessit?", " Vorlandia."), ("d0", "d2")),)
+    fpool = make_pool("docs", pool.ids, pool.prompts, pool.completions, facts)
+    tok = train_tokenizer(DOCS, vocab_size=300)
+    settings = {**TINY, "epochs": 1}
+    assert models.demo_training_steps(fpool, "tiny", **settings) == 2                  # 8 rows, batches of 4
+    assert models.demo_training_steps(fpool, "tiny", **settings, fact_repeats=3) == 3  # 8 + 2 x 2 rows
+    calls = []
+    fit_demo_lm(fpool, tok, "tiny", progress=lambda *a: calls.append(a), **settings, fact_repeats=3)
+    assert calls[-1][3] == "3 steps"
+    with pytest.raises(ValueError, match="'fact_repeats' demo model setting needs a pool with planted facts"):
+        fit_demo_lm(pool, tok, "tiny", **settings, fact_repeats=2)
+    with pytest.raises(ValueError, match="'fact_repeats' demo model setting must be a positive integer"):
+        demo_settings("tiny", fact_repeats=0)

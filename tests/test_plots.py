@@ -111,3 +111,65 @@ def test_token_loss_html_escapes_and_shades_by_loss():
     assert alphas[0] > alphas[1]
     with pytest.raises(ValueError, match="same length"):
         plots.token_loss_html("p", ["a"], [1.0, 2.0])
+
+
+HOSTILE = ['<a href="https://evil.example">x</a>', "[t](https://evil.example)", "![i](https://evil.example/i.png)",
+           '=HYPERLINK("https://evil.example")', "<script>alert(1)</script>", "<b>bold</b><br>", "$x^2$", "%{x}"]
+
+
+def _texts(fig) -> list[str]:
+    """Every string of a figure that plotly.js draws as text (ticks, names, hovers, titles)."""
+    out = []
+
+    def walk(obj):
+        if isinstance(obj, str):
+            out.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+    walk(fig.to_plotly_json())
+    return out
+
+
+def _assert_inert(fig) -> None:
+    for s in _texts(fig):
+        if any(mark in s for mark in ("evil", "bold", "x^2", "alert")):     # holds hostile text
+            assert not re.search(r"<(a|img|script)\b", s), s    # no tag plotly.js would draw live
+            assert "<b>bold" not in s and "$x" not in s, s
+
+
+def test_hostile_ids_and_texts_are_shown_as_text_in_every_chart():
+    n = len(HOSTILE)
+    ids, texts = HOSTILE, [h + " and more" for h in reversed(HOSTILE)]
+    scores = np.linspace(-1, 1, n)
+    top = plots.top_examples_figure(ids, scores, texts, top=n, marked={0})
+    _assert_inert(top)
+    assert any("&lt;a href=" in t for t in top.layout.yaxis.ticktext)         # shown, escaped
+    assert any("&#36;x^2&#36;" in t for t in top.layout.yaxis.ticktext)        # plotly shows "$x^2$"
+    assert any("&#37;{x}" in t for t in top.data[0].hovertext)                # not a template field
+    L = 5
+    coefs = np.outer(np.linspace(0, 1, L), scores)
+    path = plots.sparsity_path_figure(np.logspace(0, -2, L), coefs, (coefs != 0).sum(1), np.ones(L),
+                                      np.zeros(L), 2, ids, highlight=[0, 1], selected=2)
+    _assert_inert(path)
+    member = np.array([True, False, True, False])
+    _assert_inert(plots.responses_figure(np.array([0.1, -0.2, 0.3, 0.0]), member=member,
+                                         member_label=HOSTILE[0]))
+
+
+def test_plot_text_leaves_plain_text_alone_and_config_offers_no_upload():
+    assert plots.plot_text("fortune-00012: it's \"fine\"") == "fortune-00012: it's \"fine\""
+    assert plots.plot_text("a < b & c") == "a &lt; b &amp; c"
+    cfg = plots.PLOTLY_CONFIG
+    assert cfg["displaylogo"] is False and cfg["showSendToCloud"] is False and cfg["typesetMath"] is False
+    assert "sendDataToCloud" in cfg["modeBarButtonsToRemove"]
+
+
+def test_eval_plots_escape_method_and_query_names():
+    from stride_viz.app import eval_plots
+    fig = eval_plots.lds_distribution({HOSTILE[0]: [0.1, 0.2], "stride": [0.3]})
+    _assert_inert(fig)
+    _assert_inert(eval_plots.prediction_scatter(np.arange(3.0), np.arange(3.0), method=HOSTILE[1], query=HOSTILE[4]))

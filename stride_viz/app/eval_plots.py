@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from stride_viz.app.plots import plot_text
+
 __all__ = ["lds_distribution", "methods_frame", "prediction_scatter", "scaling_figure",
            "method_color"]
 
@@ -36,9 +38,9 @@ def lds_distribution(per_query: Mapping[str, Sequence[float]], kind: str = "box"
     fig = go.Figure()
     for m in names:
         vals = np.asarray(per_query[m], dtype=float)
-        label = f"{m} (mean {vals.mean():+.3f})" if vals.size else m
+        label = f"{plot_text(m)} (mean {vals.mean():+.3f})" if vals.size else plot_text(m)
         common = dict(x=vals, name=label, orientation="h", marker_color=method_color(m, names),
-                      hovertemplate="LDS %{x:.3f}<extra>" + m + "</extra>")
+                      hovertemplate="LDS %{x:.3f}<extra>" + plot_text(m) + "</extra>")
         if kind == "box":
             fig.add_trace(go.Box(boxmean=True, boxpoints="all", jitter=0.4, pointpos=0,
                                  marker=dict(size=3, opacity=0.5), **common))
@@ -86,7 +88,7 @@ def prediction_scatter(predicted: np.ndarray, losses: np.ndarray, *, method: str
         x=predicted, y=losses, mode="markers", marker=dict(size=7, opacity=0.75),
         customdata=np.arange(len(losses)),
         hovertemplate="subset %{customdata}<br>Σ scores %{x:.4g}<br>loss %{y:.4f} nats<extra></extra>"))
-    title = f"{method}: {query}" if query else method
+    title = plot_text(f"{method}: {query}" if query else method)
     if rho is not None:
         title += f" · LDS ρ = {rho:+.3f}"
     fig.update_layout(title=title, xaxis_title="predicted effect Σ_{i∈S'_j} w_i (method's units; > 0 = helps)",
@@ -108,9 +110,9 @@ def scaling_figure(rows: Sequence[dict]) -> go.Figure:
         x = [r["n_params"] for r in rs]
         if rs:
             fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_fit"], 1e-3) for r in rs],
-                                     mode="lines+markers", name=f"{m} one-off", line=dict(color=color)))
+                                     mode="lines+markers", name=f"{plot_text(m)} one-off", line=dict(color=color)))
             fig.add_trace(go.Scatter(x=x, y=[max(r["seconds_per_query"], 1e-4) for r in rs],
-                                     mode="lines+markers", name=f"{m} per query",
+                                     mode="lines+markers", name=f"{plot_text(m)} per query",
                                      line=dict(color=color, dash="dot")))
         # ran out of time: its one-off part took at least the limit (a lower bound)
         out = sorted((r for r in rows if r["method"] == m and r.get("status") == "timeout"
@@ -119,10 +121,10 @@ def scaling_figure(rows: Sequence[dict]) -> go.Figure:
             nudge = 1.04 ** (names.index(m) - len(names) / 2)   # methods out at one size stay apart
             fig.add_trace(go.Scatter(
                 x=[r["n_params"] * nudge for r in out], y=[r["limit"] for r in out], mode="markers",
-                name=f"{m}: out of time", marker=dict(color=color, symbol="triangle-up", size=12),
+                name=f"{plot_text(m)}: out of time", marker=dict(color=color, symbol="triangle-up", size=12),
                 customdata=[r["n_params"] for r in out],
                 hovertemplate="%{customdata:.3s} parameters: did not finish within %{y:.0f} s<extra>"
-                              + m + "</extra>"))
+                              + plot_text(m) + "</extra>"))
     fig.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="model parameters",
                       yaxis_title="wall time (s, 2 shared CPU cores)", height=480,
                       margin=dict(l=10, r=10, t=30, b=40))

@@ -19,7 +19,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = ["top_examples_figure", "sparsity_path_figure", "responses_figure", "token_loss_html",
-           "top_indices", "PROPONENT", "OPPONENT", "SELECTED", "SCORE_AXIS", "RESPONSE_AXIS"]
+           "top_indices", "plot_text", "PLOTLY_CONFIG", "PROPONENT", "OPPONENT", "SELECTED", "SCORE_AXIS",
+           "RESPONSE_AXIS"]
 
 PROPONENT = "#1a9850"   # green: helps
 OPPONENT = "#d73027"    # red: hurts
@@ -29,6 +30,19 @@ PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#f
            "#9d755d", "#bab0ac", "#eeca3b")
 SCORE_AXIS = "score w<sub>i</sub> (nats of mean per-token loss; > 0 helps, < 0 hurts)"
 RESPONSE_AXIS = "response y<sub>k</sub> = Loss<sub>base</sub> − Loss<sub>k</sub> (nats; > 0: operator lowers the loss)"
+# plotly.js options of every chart (pages and report): no Plotly logo link, no "send to Chart
+# Studio" button that would upload the chart's data, no MathJax typesetting of text.
+# (showLink / showEditInChartStudio are gone from plotly.js 3, which plotly.py warns about.)
+PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False, "modeBarButtonsToRemove": ["sendDataToCloud"],
+                 "typesetMath": False}
+
+
+def plot_text(text: object) -> str:
+    """``text`` (pool ids and documents, prompts, names from a URL) made inert for plotly.js,
+    which turns ``<a href>``, ``<b>``, ``<br>``, ``<span style>`` into live SVG markup, treats
+    ``$...$`` as LaTeX and ``%{...}`` in templates as fields: tags are HTML-escaped, ``$`` and
+    ``%`` written as numeric entities. plotly.js shows every entity as its character."""
+    return html.escape(str(text), quote=False).replace("$", "&#36;").replace("%", "&#37;")
 
 
 def _label(text: str, width: int = 48) -> str:
@@ -67,15 +81,15 @@ def top_examples_figure(ids: Sequence[str], scores: np.ndarray, texts: Sequence[
     pro, con = top_indices(scores, top)
     # opponents first (drawn at the bottom), proponents on top, strongest at the extremes
     idx = np.concatenate([con, pro[::-1]]).astype(int)
-    labels = [("★ " if i in marked else "") + f"{ids[i]}: {_label(texts[i])}" for i in idx]
+    labels = [("★ " if i in marked else "") + plot_text(f"{ids[i]}: {_label(texts[i])}") for i in idx]
     colors = [PROPONENT if scores[i] > 0 else OPPONENT for i in idx]
     widths = [3 if selected is not None and i == selected else 0 for i in idx]
     fig = go.Figure(go.Bar(
         x=scores[idx], y=list(range(len(idx))), orientation="h", marker_color=colors,
         marker_line_color=SELECTED, marker_line_width=widths, customdata=idx,
         text=[f"{scores[i]:+.3g}" for i in idx], textposition="outside", cliponaxis=False,
-        hovertext=[f"<b>{html.escape(ids[i])}</b> (pool row {i})<br>w = {scores[i]:+.4g} nats"
-                   f"<br>{html.escape(_label(texts[i], 200))}" for i in idx],
+        hovertext=[f"<b>{plot_text(ids[i])}</b> (pool row {i})<br>w = {scores[i]:+.4g} nats"
+                   f"<br>{plot_text(_label(texts[i], 200))}" for i in idx],
         hoverinfo="text", name="examples"))
     fig.update_yaxes(tickmode="array", tickvals=list(range(len(idx))), ticktext=labels,
                      automargin=True)
@@ -116,8 +130,8 @@ def sparsity_path_figure(ratios: np.ndarray, coefs: np.ndarray, nonzeros: np.nda
     rest = [int(i) for i in ever[np.argsort(-np.abs(coefs[:, ever]).max(axis=0))] if int(i) not in special]
     for j, i in enumerate(rest[:background]):
         fig.add_trace(go.Scatter(x=ratios, y=coefs[:, i], mode="lines", line=dict(color=NEUTRAL, width=1),
-                                 customdata=[i] * L, name=str(ids[i]), showlegend=j == 0,
-                                 legendgroup="other", hovertemplate=f"{html.escape(str(ids[i]))}"
+                                 customdata=[i] * L, name=plot_text(ids[i]), showlegend=j == 0,
+                                 legendgroup="other", hovertemplate=f"{plot_text(ids[i])}"
                                  "<br>λ/λ_max=%{x:.3g}<br>w=%{y:+.4g} nats<extra></extra>"),
                       row=1, col=1)
     if rest[:background]:
@@ -128,15 +142,15 @@ def sparsity_path_figure(ratios: np.ndarray, coefs: np.ndarray, nonzeros: np.nda
         fig.add_trace(go.Scatter(x=ratios, y=coefs[:, i], mode="lines+markers", marker=dict(size=4),
                                  line=dict(color=SELECTED if is_sel else PALETTE[j % len(PALETTE)],
                                            width=4 if is_sel else 2),
-                                 customdata=[i] * L, name=_label(str(ids[i]), 24),
-                                 hovertemplate=f"{html.escape(str(ids[i]))}<br>λ/λ_max=%{{x:.3g}}"
+                                 customdata=[i] * L, name=plot_text(_label(str(ids[i]), 24)),
+                                 hovertemplate=f"{plot_text(ids[i])}<br>λ/λ_max=%{{x:.3g}}"
                                                "<br>w=%{y:+.4g} nats<extra></extra>"), row=1, col=1)
     if selected is not None and selected not in highlight:
         i = int(selected)
         fig.add_trace(go.Scatter(x=ratios, y=coefs[:, i], mode="lines+markers", marker=dict(size=4),
                                  line=dict(color=SELECTED, width=4),
-                                 customdata=[i] * L, name=f"selected: {_label(str(ids[i]), 20)}",
-                                 hovertemplate=f"{html.escape(str(ids[i]))}<br>λ/λ_max=%{{x:.3g}}"
+                                 customdata=[i] * L, name=f"selected: {plot_text(_label(str(ids[i]), 20))}",
+                                 hovertemplate=f"{plot_text(ids[i])}<br>λ/λ_max=%{{x:.3g}}"
                                                "<br>w=%{y:+.4g} nats<extra></extra>"), row=1, col=1)
     cv_mean = np.asarray(cv_mean, dtype=float)
     cv_std = np.asarray(cv_std, dtype=float)
@@ -197,7 +211,7 @@ def responses_figure(responses: np.ndarray, *, member: Optional[np.ndarray] = No
     else:
         m = np.asarray(member, dtype=bool)
         inside = m[order]
-        name_in = f"subsets containing {member_label}" if member_label else "subsets containing it"
+        name_in = f"subsets containing {plot_text(member_label)}" if member_label else "subsets containing it"
         # counts on shared bins, stacked: the few subsets holding the example stay visible
         nbins = min(60, max(10, K // 8))
         lo, hi = float(y.min()), float(y.max())

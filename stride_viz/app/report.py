@@ -25,8 +25,8 @@ from stride_viz.app import plots
 from stride_viz.storage import RunStore, read_json
 
 __all__ = ["RunInfo", "QueryView", "list_runs", "read_run", "read_query", "read_pool_rows",
-           "membership_of", "top_table", "fact_sources", "ranks_of", "fact_ranks", "build_report",
-           "write_report"]
+           "membership_of", "top_table", "fact_sources", "ranks_of", "fact_ranks", "query_infos",
+           "query_snippet", "csv_text", "build_report", "write_report"]
 
 
 @dataclass
@@ -55,9 +55,19 @@ class RunInfo:
     def is_demo(self) -> bool:
         return self.meta["pool"]["spec"] == "fortunes+facts"
 
+    @property
+    def model_name(self) -> str:
+        """The model's hub id, or its folder's name (not the full path on this machine)."""
+        return Path(str(self.meta["model"]["spec"])).name
+
+    @property
+    def pool_name(self) -> str:
+        """The built-in pool's name or the pool file's own name (an upload's included)."""
+        return Path(str(self.meta["pool"]["spec"])).name
+
     def label(self) -> str:
-        model = "demo model" if self.is_demo else Path(str(self.meta["model"]["spec"])).name
-        pool = Path(str(self.meta["pool"]["spec"])).name
+        model = "demo model" if self.is_demo else self.model_name
+        pool = self.pool_name
         status = f"{len(self.query_ids)} quer{'y' if len(self.query_ids) == 1 else 'ies'}" if self.fitted \
             else f"fit {self.fit_state.get('status', 'not started')}"
         return f"{model} · {pool} ({self.n} examples) · K={self.K} · {status}"
@@ -157,6 +167,44 @@ def fact_ranks(run_dir: str | Path) -> list[dict]:
     return out
 
 
+def query_infos(run_dir: str | Path) -> dict[str, dict]:
+    """query id -> the query's query.json (prompt, completion, ...) for every explained query."""
+    store = RunStore(run_dir)
+    out = {}
+    for qid in store.query_ids():
+        try:
+            out[qid] = read_json(store.attribution_dir(qid) / "query.json")
+        except (OSError, ValueError):  # being written right now
+            continue
+    return out
+
+
+def query_snippet(info: dict, width: int = 72) -> str:
+    """A query as a person recognises it: “prompt” → “completion”, shortened to about
+    ``width`` characters (plain text: escape it for where it is shown)."""
+    prompt = " ".join(str(info.get("prompt", "")).split())
+    completion = " ".join(str(info.get("completion") or "").split())
+    room = max(12, width - min(len(completion), width // 3))
+    if len(prompt) > room:
+        prompt = "…" + prompt[-(room - 1):]           # the end of a prompt is what is completed
+    if len(prompt) + len(completion) > width:
+        completion = completion[: max(8, width - len(prompt)) - 1] + "…"
+    return f"“{prompt}” → “{completion}”" if completion else f"“{prompt}”"
+
+
+def csv_text(table: pd.DataFrame) -> str:
+    """The table as CSV in which no text cell starts a spreadsheet formula: cells beginning
+    with =, +, -, @, a tab or a carriage return get a leading single quote (numbers are left
+    as they are)."""
+    def neutral(v: Any) -> Any:
+        return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+    safe = table.copy()
+    for col in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[col]):
+            safe[col] = safe[col].map(neutral)
+    return safe.to_csv(index=False)
+
+
 def read_query(run_dir: str | Path, query_id: str) -> QueryView:
     folder = RunStore(run_dir).attribution_dir(query_id)
     if not (folder / "meta.json").exists():
@@ -238,8 +286,8 @@ def build_report(run_dir: str | Path, query_ids: Optional[Sequence[str]] = None,
     pool = read_pool_rows(run_dir)
     cfg = run.meta["config"]
     parts = [f"<h1>STRIDE attribution report</h1><div class='meta'>Run <code>{html.escape(run.name)}</code> · "
-             f"model <code>{html.escape(str(run.meta['model']['spec']))}</code> · pool "
-             f"<code>{html.escape(str(run.meta['pool']['spec']))}</code> ({run.n} examples) · K = {run.K} "
+             f"model <code>{html.escape(run.model_name)}</code> · pool "
+             f"<code>{html.escape(run.pool_name)}</code> ({run.n} examples) · K = {run.K} "
              f"subsets, d = {cfg['per_example']}, rank {cfg['rank']}, mode {cfg['mode']} · written "
              f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC</div>",
              "<div class='note'>A <b>score w<sub>i</sub> &gt; 0</b> means training example i <b>helps</b>: "
@@ -267,11 +315,12 @@ def build_report(run_dir: str | Path, query_ids: Optional[Sequence[str]] = None,
                 plots.responses_figure(q.responses)]
         divs = []
         for fig in figs:
+            # plotly.js inlined (never a CDN), no Chart Studio button, no MathJax
             divs.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False,
-                                    config={"displaylogo": False}))
+                                    include_mathjax=False, config=dict(plots.PLOTLY_CONFIG)))  # to_html edits it
             first = False
         gen = " (generated by the model)" if q.info.get("completion_generated") else ""
-        parts.append(f"<h2>Query <code>{html.escape(qid)}</code></h2>"
+        parts.append(f"<h2>Query {html.escape(query_snippet(q.info))} <code>{html.escape(qid)}</code></h2>"
                      f"<p>Base loss of the completion{gen}: <b>{q.info['loss_base']:.3f} nats</b> per token.</p>"
                      + plots.token_loss_html(q.info["prompt"], q.info["tokens"], q.info["token_loss"]))
         parts.append(divs[0])

@@ -6,19 +6,23 @@ job table, and start jobs through :class:`stride_viz.jobs.Executor`.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import streamlit as st
 
-from stride_viz.jobs import Executor, Job, JobError, JobStore, LocalProcessExecutor, demo_params_from_env
+from stride_viz.jobs import (Executor, Job, JobError, JobStore, LocalProcessExecutor, demo_params_from_env,
+                             stage_position)
 from stride_viz.data.models import data_home
-from stride_viz.app import report
+from stride_viz.app import launch, report
 
 __all__ = ["executor", "SIGN_NOTE", "RESPONSE_NOTE", "DEMO_EXPLANATION", "page_setup", "fmt_seconds",
-           "state_label", "explore_link", "render_job", "live_job", "launch_demo_button", "runs",
-           "run_info", "pool_rows", "query_view", "fact_ranks", "membership", "init_from_url", "set_url"]
+           "md", "md_code", "state_label", "explore_link", "progress_text", "render_job", "live_job",
+           "launch_demo_button",
+           "runs", "run_info", "pool_rows", "query_view", "query_infos", "fact_ranks", "membership",
+           "init_from_url", "set_url"]
 
 SIGN_NOTE = ("**Sign and units.** A score **w > 0** (green) means the training example **helps**: "
              "training on it lowers the loss of the query's completion (a *proponent*). **w < 0** "
@@ -51,10 +55,13 @@ _NAV = (("app.py", "Home", ":material/home:"), ("pages/1_Launch.py", "Launch", "
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-def page_setup(title: str, icon: str = ":material/travel_explore:") -> None:
+def page_setup(title: str, icon: str = "🔎") -> None:
     """Page config shared by every page (wide layout: the charts need the width) and the
     sidebar navigation with readable names (Streamlit's own list is hidden in
-    .streamlit/config.toml because it would call the home page 'app')."""
+    .streamlit/config.toml because it would call the home page 'app').
+
+    icon: the tab's icon, an emoji (drawn locally; a ``:material/...:`` page icon would make
+    the browser fetch it from fonts.gstatic.com, and nothing here may leave the machine)."""
     try:
         st.set_page_config(page_title=f"{title} · stride_viz", page_icon=icon, layout="wide")
     except st.errors.StreamlitAPIException:  # set already in this run
@@ -89,6 +96,24 @@ def fmt_seconds(s: Optional[float]) -> str:
     return f"{s // 3600:.0f} h {(s % 3600) // 60:02.0f} min"
 
 
+def md(text: object) -> str:
+    """``text`` (a name from a URL, a pool id, a prompt, an error message) as inert Markdown for
+    st.markdown / st.caption / st.error...: every ASCII punctuation character is
+    backslash-escaped, so no link, image, HTML tag, ``:color[...]`` or ``$math$`` can form,
+    and whitespace is collapsed (no headings, lists or code blocks either)."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", " ".join(str(text).split()))
+
+
+def md_code(text: object) -> str:
+    """``text`` as a Markdown code span (shown verbatim, in monospace), whatever backticks it holds."""
+    text = " ".join(str(text).split())
+    if not text:
+        return ""
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if len(fence) > 1 else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def state_label(job: Job) -> str:
     return f"{_STATE_ICONS.get(job.state, '')} {job.state}"
 
@@ -101,16 +126,40 @@ def explore_link(run_dir: str, query: Optional[str] = None) -> None:
     st.page_link("pages/3_Explore.py", label="Open in Explore", icon=":material/travel_explore:", query_params=params)
 
 
+def progress_text(job: Job) -> str:
+    """The line under an active job's progress bar: where it is in the stages of its kind, the
+    share of the whole job done and the whole job's time left, then the stage's own message
+    ("stage 3 of 4: fitting operators · 62% of the job · about 1 min 10 s left · step 120/392 ...")."""
+    if job.state == "queued":
+        before = (f" · {100 * job.fraction:.0f}% was done before it stopped"
+                  if job.attempts > 1 and job.fraction > 0 else "")
+        return "waiting for the job before it" + before
+    position = stage_position(job.kind, job.stage)
+    if position is None:
+        where = job.stage or "starting"
+    elif position[1] == 1:
+        where = position[2]
+    else:
+        where = f"stage {position[0]} of {position[1]}: {position[2]}"
+    parts = [where, f"{100 * job.fraction:.0f}% of the job"]
+    if job.eta_seconds is not None:
+        parts.append(f"about {fmt_seconds(job.eta_seconds)} left")
+    if job.message:
+        parts.append(job.message)
+    return " · ".join(parts)
+
+
 def render_job(job: Job, ex: Executor, key: str, compact: bool = False) -> None:
     """One job: state, live progress, buttons (cancel / resume / explore), log and error."""
     head = st.columns([5, 2, 2, 2]) if not compact else st.columns([6, 2, 2])
     with head[0]:
-        st.markdown(f"**#{job.id} · {job.title}** — {state_label(job)}"
+        st.markdown(f"**#{job.id} · {md(job.title)}** — {state_label(job)}"
                     + (f" · attempt {job.attempts}" if job.attempts > 1 else ""))
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
         elapsed = job.elapsed_seconds
         st.caption(f"{job.kind} job launched {when}"
-                   + (f" · ran {fmt_seconds(elapsed)}" if elapsed is not None else ""))
+                   + (f" · ran {fmt_seconds(elapsed)}" if elapsed is not None else "")
+                   + (" in all" if elapsed is not None and job.attempts > 1 else ""))
     if job.active:
         with head[1]:
             if st.button("Cancel", key=f"{key}_cancel_{job.id}", help="Stop the job; a fit keeps its "
@@ -120,7 +169,8 @@ def render_job(job: Job, ex: Executor, key: str, compact: bool = False) -> None:
                 except JobError as e:
                     st.error(str(e))
                 st.rerun()
-    if job.resumable:
+    input_error = launch.is_input_error(job)
+    if job.resumable and not input_error:  # a bad input fails again: resuming cannot help
         with head[1]:
             if st.button("Resume", key=f"{key}_resume_{job.id}", help="Run the job again; a fit "
                          "continues from its last checkpoint."):
@@ -129,24 +179,29 @@ def render_job(job: Job, ex: Executor, key: str, compact: bool = False) -> None:
                 except JobError as e:
                     st.error(str(e))
                 st.rerun()
+    if input_error and job.kind == "attribute":
+        with head[1]:
+            if st.button("Edit settings", key=f"{key}_edit_{job.id}", help="Open the Launch page with "
+                         "this job's settings, to change what the error names and launch again."):
+                st.session_state["launch_prefill"] = {
+                    "job": job.id, "error": job.error,
+                    "values": launch.form_values(job.params, data_home() / "uploads")}
+                st.switch_page("pages/1_Launch.py")
     if job.state == "done" and job.run_dir and job.kind in ("demo", "attribute"):
         with head[2]:
             queries = job.result.get("query_ids") or [None]
             explore_link(job.run_dir, queries[0])
-    if job.state == "running" or (job.state == "queued"):
-        stage = job.stage or ("waiting for the job before it" if job.state == "queued" else "starting")
-        eta = f" · about {fmt_seconds(job.eta_seconds)} left" if job.eta_seconds is not None else ""
-        st.progress(min(1.0, max(0.0, job.fraction)),
-                    text=f"{stage}: {100 * job.fraction:.0f}%{eta} {job.message}")
+    if job.active:
+        st.progress(min(1.0, max(0.0, job.fraction)), text=md(progress_text(job)))
     if job.state == "failed":
-        st.error(job.error or "failed")
+        st.error(md(job.error or "failed"))
         if job.traceback:
             with st.expander("Traceback"):
                 st.code(job.traceback, language="text")
     elif job.state == "cancelled":
-        st.warning(job.error or "cancelled")
+        st.warning(md(job.error or "cancelled"))
     for s in job.result.get("skipped", []):
-        st.warning(f"Query {s['id']} was skipped: {s['reason']}")
+        st.warning(md(f"Query {s['id']} was skipped: {s['reason']}"))
     if job.log and not compact:
         with st.expander("Log (last lines)"):
             st.code("\n".join(job.log.splitlines()[-30:]), language="text")
@@ -234,6 +289,16 @@ def query_view(path: str, query_id: str) -> report.QueryView:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
+def _query_infos(path: str, stamp: float) -> dict[str, dict]:
+    return report.query_infos(path)
+
+
+def query_infos(path: str) -> dict[str, dict]:
+    """query id -> its prompt and completion (query.json), reread when a query is added."""
+    return _query_infos(path, _mtime(Path(path) / "attributions"))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
 def _fact_ranks(path: str, stamp: float) -> list[dict]:
     return report.fact_ranks(path)
 
@@ -248,23 +313,45 @@ def membership(path: str, example: int):
     return report.membership_of(path, example)
 
 
+_URL_SEEN = "_url_seen"  # session state: each query parameter as last applied or written
+
+
 def init_from_url(mapping: dict[str, str]) -> None:
-    """On the first run of a page in a session, copy URL query parameters into the session
-    state of the widgets they drive (``mapping``: query param -> widget key)."""
-    flag = "_url_loaded_" + "_".join(sorted(mapping.values()))
-    if st.session_state.get(flag):
+    """Make the URL the source of truth of the widgets it names (``mapping``: query param ->
+    widget key) whenever it changes: a link followed at any time in the session (Home's,
+    Runs' "Open in Explore", a page link with parameters) opens the view it names, and a link
+    that names only some of the parameters resets the others.
+
+    Parameters equal to those last applied or written by :func:`set_url` are not applied again,
+    so a widget the user has just changed is not overridden by the URL it is about to update;
+    an address with none of the parameters (plain navigation between pages) brings back the
+    view last shown (Streamlit forgets the state of widgets while another page is open).
+    """
+    seen = st.session_state.setdefault(_URL_SEEN, {})
+    now = {param: st.query_params.get(param) for param in mapping}
+    if all(v is None for v in now.values()):
+        for param, key in mapping.items():
+            if key not in st.session_state and seen.get(param) is not None:
+                st.session_state[key] = seen[param]
         return
-    st.session_state[flag] = True
+    if all(now[p] == seen.get(p) for p in mapping):
+        return
     for param, key in mapping.items():
-        if param in st.query_params:
-            st.session_state[key] = st.query_params[param]
+        if now[param] is None:
+            st.session_state.pop(key, None)
+        else:
+            st.session_state[key] = now[param]
+        seen[param] = now[param]
 
 
 def set_url(**params: Any) -> None:
     """Write the view's state into the URL (None removes a parameter), so the link can be shared."""
+    seen = st.session_state.setdefault(_URL_SEEN, {})
     for k, v in params.items():
-        if v is None or v == "":
+        value = None if v is None or v == "" else str(v)
+        if value is None:
             if k in st.query_params:
                 del st.query_params[k]
-        elif st.query_params.get(k) != str(v):
-            st.query_params[k] = str(v)
+        elif st.query_params.get(k) != value:
+            st.query_params[k] = value
+        seen[k] = value

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import re
@@ -35,7 +36,8 @@ from stride_viz.data.tokenize import Encoded, encode, sequence_losses
 
 __all__ = ["LoadedModel", "ModelError", "load_model", "train_demo_model", "train_lm", "encode_pool",
            "demo_model_dir", "data_home", "weights_hash", "DEMO_PRESETS", "resolve_device",
-           "demo_settings", "fit_demo_lm", "train_tokenizer"]
+           "demo_settings", "fit_demo_lm", "train_tokenizer", "check_causal_decoder", "SHIPPED_DEMO_DIR",
+           "demo_model_source", "demo_model_available", "demo_training_steps"]
 
 BOS = "<|endoftext|>"
 
@@ -45,10 +47,19 @@ BOS = "<|endoftext|>"
 # per token; tiny 5.4 vs 6.1).
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=2048,
-                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96),
+                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1),
     "small": dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, vocab_size=4096,
-                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96),
+                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1),
 }
+
+
+# Demo checkpoints shipped with the package, one folder per preset, each exactly what
+# `python -m stride_viz train-model --pool fortunes+facts --preset <preset> --out <folder>` wrote
+# (README, "Models"). load_model("demo:<preset>") loads one instead of training when its
+# MANIFEST says it was made by the preset's current recipe from the built-in pool, and checks
+# its weights against the hash recorded there.
+SHIPPED_DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+MANIFEST = "stride_viz_model.json"
 
 
 class ModelError(ValueError):
@@ -125,10 +136,18 @@ def load_model(spec: str, device: str = "auto", trust_remote_code: bool = False,
     if spec == "demo" or spec.startswith("demo:"):
         preset = spec.partition(":")[2] or "tiny"
         _check_preset(preset)
+        folder = demo_model_source(preset)
+        if folder is not None:
+            loaded = _load_from(str(folder), spec, dev, trust_remote_code, local_only=True)
+            expected = _manifest(folder).get("weights_hash")
+            if loaded.hash == expected:
+                return loaded
+            from stride_viz.integrity import warn
+            warn(f"warning: the demo model in {folder} has the weights {loaded.hash}, not the {expected} "
+                 f"its {MANIFEST} records (damaged?); training demo:{preset} again")
+        from stride_viz.data.pools import load_pool
         folder = demo_model_dir(preset)
-        if not (folder / "config.json").exists():
-            from stride_viz.data.pools import load_pool
-            train_demo_model(load_pool("fortunes+facts"), folder, preset=preset, progress=progress)
+        train_demo_model(load_pool("fortunes+facts"), folder, preset=preset, progress=progress)
         return _load_from(str(folder), spec, dev, trust_remote_code, local_only=True)
     path = Path(spec).expanduser()
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
@@ -146,11 +165,37 @@ def load_model(spec: str, device: str = "auto", trust_remote_code: bool = False,
     return _load_from(spec, spec, dev, trust_remote_code, local_only=False)
 
 
+def check_causal_decoder(config: Any, spec: str = "") -> None:
+    """Refuse (ModelError) a configuration that is not a decoder-only causal LM: no
+    ``model_type``, an encoder-decoder (T5, BART, ...), or a bidirectional encoder family
+    (BERT, RoBERTa, ...) that transformers would wrap as a causal LM although it was not
+    trained as one (accepted only with ``is_decoder=True``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    where = f" in '{spec}'" if spec else ""
+    name = type(config).__name__
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise ModelError(f"The model configuration{where} ({name}) has no 'model_type', so its "
+                         f"architecture is unknown; save the model with save_pretrained.")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"The model{where} ({name}) is an encoder-decoder, not a causal language "
+                         f"model; STRIDE needs a decoder-only causal LM (GPT-2, Llama, Qwen, ...).")
+    if (model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+            and not getattr(config, "causal", False)):
+        raise ModelError(f"The model{where} ({name}) is a bidirectional encoder (a masked LM), not a "
+                         f"causal language model; STRIDE needs a decoder-only causal LM (GPT-2, Llama, "
+                         f"Qwen, ...).")
+
+
 def _load_from(source: str, spec: str, dev: torch.device, trust_remote_code: bool,
                local_only: bool) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(trust_remote_code=trust_remote_code)
+    if _config_lacks_model_type(Path(source) / "config.json"):
+        raise ModelError(f"The config.json in '{spec}' has no 'model_type', so its architecture is "
+                         f"unknown; save the model with save_pretrained.")
     try:
         # the local cache first: instant when the hub id was downloaded before
         config = AutoConfig.from_pretrained(source, local_files_only=True, **kw)
@@ -171,6 +216,7 @@ def _load_from(source: str, spec: str, dev: torch.device, trust_remote_code: boo
         except (OSError, ValueError) as e2:
             raise ModelError(f"Could not load '{spec}' from the Hugging Face hub ({_short(e2)}); check "
                              f"the id, or pass a local folder written by save_pretrained.") from None
+    check_causal_decoder(config, spec)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, config=config, local_files_only=local_only,
                                                            output_loading_info=True, **kw)
@@ -205,6 +251,13 @@ def _load_from(source: str, spec: str, dev: torch.device, trust_remote_code: boo
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, spec, digest, dev)
+
+
+def _config_lacks_model_type(config_file: Path) -> bool:
+    try:
+        return not json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False  # no such file, or not a JSON object: AutoConfig says what is wrong
 
 
 def _set_pad_token(tokenizer: Any) -> None:
@@ -360,8 +413,8 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 
 def demo_settings(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """The settings of a demo preset with ``overrides`` applied (n_layer, n_embd, n_head,
-    n_positions, vocab_size, epochs, steps, batch_size, lr, max_length); giving ``steps``
-    replaces ``epochs``."""
+    n_positions, vocab_size, epochs, steps, batch_size, lr, max_length, fact_repeats: how many
+    times an epoch shows each planted-fact document); giving ``steps`` replaces ``epochs``."""
     _check_preset(preset)
     unknown = sorted(set(overrides) - set(DEMO_PRESETS[preset]))
     if unknown:
@@ -370,6 +423,9 @@ def demo_settings(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     if cfg["steps"] is not None:
         cfg["epochs"] = None
     cfg["max_length"] = min(cfg["max_length"], cfg["n_positions"])
+    r = cfg["fact_repeats"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"The 'fact_repeats' demo model setting must be a positive integer. Got {r!r} instead.")
     return cfg
 
 
@@ -390,15 +446,74 @@ def fit_demo_lm(pool: Pool | Encoded, tokenizer: Any, preset: str = "tiny", seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights
         model = GPT2LMHeadModel(config)
+    if cfg["fact_repeats"] > 1:
+        pool = _repeat_fact_documents(pool, tokenizer, cfg["fact_repeats"], cfg["max_length"])
     return train_lm(model, tokenizer, pool, epochs=cfg["epochs"], steps=cfg["steps"],
                     batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, max_length=cfg["max_length"],
                     progress=progress)
 
 
+def _repeat_fact_documents(pool: Pool | Encoded, tokenizer: Any, repeats: int, max_length: int) -> Encoded:
+    """The pool's rows as training tensors, each document that states a planted fact
+    ``repeats`` times: the model sees no text outside the pool, only its facts more often
+    (an epoch then has ``len(pool) + (repeats - 1) x n_fact_documents`` rows)."""
+    if isinstance(pool, Encoded) or not pool.facts:
+        raise ValueError("The 'fact_repeats' demo model setting needs a pool with planted facts "
+                         "(fortunes+facts); use fact_repeats=1 for other pools.")
+    facts = sorted({pool.index_of(s) for f in pool.facts for s in f.source_ids})
+    order = list(range(len(pool))) + facts * (repeats - 1)
+    return encode_pool(tokenizer, pool, max_length).select(order)
+
+
+def _manifest(folder: Path) -> dict:
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _made_by_recipe(folder: Path, preset: str) -> bool:
+    """Whether ``folder`` holds a demo model trained by ``preset``'s current recipe (seed 0)
+    from the current built-in pool, as its manifest records."""
+    from stride_viz.data.pools import load_pool
+    m = _manifest(folder)
+    return (bool(m) and (Path(folder) / "config.json").exists() and m.get("preset") == preset
+            and m.get("seed") == 0 and m.get("settings") == demo_settings(preset)
+            and m.get("pool_hash") == load_pool("fortunes+facts").hash)
+
+
+def demo_model_source(preset: str = "tiny") -> Optional[Path]:
+    """The folder ``load_model("demo:<preset>")`` loads without training: the checkpoint shipped
+    with the package, else the one built before under :func:`demo_model_dir`, each only when
+    made by the preset's current recipe; None when the model has to be trained first."""
+    _check_preset(preset)
+    for folder in (SHIPPED_DEMO_DIR / preset, demo_model_dir(preset)):
+        if _made_by_recipe(folder, preset):
+            return folder
+    return None
+
+
+def demo_model_available(preset: str = "tiny") -> bool:
+    """Whether ``demo:<preset>`` loads in seconds (True) or is trained first (False)."""
+    return demo_model_source(preset) is not None
+
+
+def demo_training_steps(pool: Pool, preset: str = "tiny", **overrides: Any) -> int:
+    """Optimisation steps :func:`train_demo_model` takes on ``pool`` with these settings."""
+    cfg = demo_settings(preset, **overrides)
+    if cfg["steps"] is not None:
+        return int(cfg["steps"])
+    n_facts = len({s for f in pool.facts for s in f.source_ids}) if cfg["fact_repeats"] > 1 else 0
+    rows = len(pool) + (cfg["fact_repeats"] - 1) * n_facts
+    return max(1, round(cfg["epochs"] * math.ceil(rows / max(1, min(cfg["batch_size"], rows)))))
+
+
 def train_demo_model(pool: Pool, out_dir: Path, preset: str = "tiny", seed: int = 0,
                      progress: Callable[..., None] = no_progress, **overrides: Any) -> Path:
     """Train a byte-level BPE tokenizer and a GPT-2 from scratch on ``pool``; save both to
-    ``out_dir`` (loadable with ``from_pretrained``) and return it.
+    ``out_dir`` (loadable with ``from_pretrained``), with a manifest (``stride_viz_model.json``:
+    the settings, seed, pool hash and weights hash), and return it.
 
     ``overrides`` replace preset values (see :func:`demo_settings`), e.g. ``steps=5`` for a
     quick test. The folder is written atomically: a killed run leaves no half-written model.
@@ -414,6 +529,14 @@ def train_demo_model(pool: Pool, out_dir: Path, preset: str = "tiny", seed: int 
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        import transformers
+        manifest = {"preset": preset, "settings": cfg, "seed": seed, "pool": pool.name, "pool_hash": pool.hash,
+                    "n_pool": len(pool), "weights_hash": weights_hash(model),
+                    "train_seconds": round(time.monotonic() - t0, 1),
+                    "command": f"python -m stride_viz train-model --pool {pool.name} --preset {preset} "
+                               f"--seed {seed} --out <folder>" + (f" (overrides {overrides})" if overrides else ""),
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

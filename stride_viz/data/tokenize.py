@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["Encoded", "encode", "sequence_losses", "token_losses"]
+__all__ = ["Encoded", "encode", "token_rows", "sequence_losses", "token_losses"]
 
 
 @dataclass
@@ -41,6 +42,31 @@ class Encoded:
                        self.truncated[index.cpu()] if self.truncated.device.type == "cpu" else self.truncated[index])
 
 
+def token_rows(tokenizer, prompts: Sequence[str], completions: Sequence[str],
+               max_length: int) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+    """The unpadded rows of :func:`encode`: (token ids, loss mask, cut at max_length) per pair."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"prompts and completions must have the same length; got "
+                         f"{len(prompts)} and {len(completions)}.")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    rows, masks, cut = [], [], []
+    for p, c in zip(_token_ids(tokenizer, prompts), _token_ids(tokenizer, completions)):
+        head = ([bos] if bos is not None else []) + p
+        ids = head + c
+        # position t scores token t+1; completion tokens sit at len(head)..len(ids)-1
+        first_scored = max(len(head), 1) - 1
+        mask = [0] * first_scored + [1] * max(0, len(ids) - 1 - first_scored) + [0] * (len(ids) > first_scored)
+        mask = mask[:len(ids)]
+        was_cut = len(ids) > max_length
+        if was_cut:
+            ids, mask = ids[:max_length], mask[:max_length]
+            mask[-1] = 0
+        rows.append(ids)
+        masks.append(mask)
+        cut.append(was_cut)
+    return rows, masks, cut
+
+
 def encode(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int,
            device: Optional[torch.device | str] = None) -> Encoded:
     """Tokenise ``prompt + completion`` pairs; an empty prompt scores the whole text.
@@ -49,40 +75,32 @@ def encode(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_le
     the two is exact even for BPE merges across it. Texts longer than ``max_length`` tokens
     are cut from the right (the completion keeps at least one scored token when possible).
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"prompts and completions must have the same length; got "
-                         f"{len(prompts)} and {len(completions)}.")
+    rows, masks, cut = token_rows(tokenizer, prompts, completions, max_length)
     bos = getattr(tokenizer, "bos_token_id", None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (bos or 0)
-    rows, masks, cut = [], [], []
-    for prompt, completion in zip(prompts, completions):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
-        head = ([bos] if bos is not None else []) + list(p)
-        ids = head + list(c)
-        # position t scores token t+1; completion tokens sit at len(head)..len(ids)-1
-        first_scored = max(len(head), 1) - 1
-        mask = [0] * len(ids)
-        for t in range(first_scored, len(ids) - 1):
-            mask[t] = 1
-        was_cut = len(ids) > max_length
-        if was_cut:
-            ids, mask = ids[:max_length], mask[:max_length]
-            mask[-1] = 0
-        rows.append(ids)
-        masks.append(mask)
-        cut.append(was_cut)
     T = max(1, max(len(r) for r in rows)) if rows else 1
     n = len(rows)
-    input_ids = torch.full((n, T), pad, dtype=torch.long)
-    attention = torch.zeros((n, T), dtype=torch.long)
-    loss_mask = torch.zeros((n, T), dtype=torch.float32)
+    input_ids = np.full((n, T), pad, dtype=np.int64)
+    loss_mask = np.zeros((n, T), dtype=np.float32)
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
     for i, (r, m) in enumerate(zip(rows, masks)):
-        input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        attention[i, :len(r)] = 1
-        loss_mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
-    enc = Encoded(input_ids, attention, loss_mask, torch.tensor(cut, dtype=torch.bool))
+        input_ids[i, :len(r)] = r
+        loss_mask[i, :len(m)] = m
+    attention = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
+    enc = Encoded(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(loss_mask),
+                  torch.tensor(cut, dtype=torch.bool))
     return enc.to(device) if device is not None else enc
+
+
+def _token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text (no special tokens), in one batched call; "" -> []."""
+    out: list[list[int]] = [[] for _ in texts]
+    where = [i for i, text in enumerate(texts) if text]
+    if where:
+        ids = tokenizer([texts[i] for i in where], add_special_tokens=False)["input_ids"]
+        for i, row in zip(where, ids):
+            out[i] = list(row)
+    return out
 
 
 def token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from scipy.stats import rankdata
 __all__ = [
     "LdsResult", "GroundTruth", "GroundTruthError", "lds", "subset_sums", "recall_at_k", "mrr",
     "write_metadata", "read_metadata", "append_result", "read_ground_truth", "export_jsonl",
-    "done_subsets", "load_scores",
+    "done_subsets", "load_scores", "query_split",
 ]
 
 GT_VERSION = 1
@@ -316,3 +316,14 @@ def load_scores(path: str | Path, n_queries: Optional[int] = None) -> np.ndarray
     if s.ndim != 2 or (n_queries is not None and s.shape[0] != n_queries):
         raise GroundTruthError(f"{path}: scores must have shape (n_queries, n_pool); got {s.shape}.")
     return s
+
+
+def query_split(query_ids: Sequence[str], salt: str = "stride-viz-dev-test-v1") -> np.ndarray:
+    """Development (True) or test (False) for each query, fixed by its id alone: the first 8
+    hex digits of sha256(salt + id) even -> development. Settings are chosen on the development
+    queries and results reported on the test queries; the split does not depend on the order
+    or the number of queries, so a query keeps its side when others are added."""
+    import hashlib
+
+    return np.array([int(hashlib.sha256((salt + q).encode()).hexdigest()[:8], 16) % 2 == 0
+                     for q in query_ids], dtype=bool)

@@ -7,9 +7,9 @@ and the job kinds (demo, attribute, continuation, sleep).
     ex.store.get(job_id).state                        # queued -> running -> done
 """
 from .executor import Executor, LocalProcessExecutor
-from .kinds import KINDS, demo_params_from_env, query_id_for
+from .kinds import KINDS, demo_params_from_env, query_id_for, stage_position
 from .store import ACTIVE_STATES, FINAL_STATES, STATES, Job, JobError, JobStore
 
 __all__ = ["Executor", "LocalProcessExecutor", "Job", "JobStore", "JobError", "KINDS", "STATES",
            "ACTIVE_STATES", "FINAL_STATES", "query_id_for",
-           "demo_params_from_env"]
+           "demo_params_from_env", "stage_position"]

@@ -42,14 +42,21 @@ class Executor(ABC):
 
 class LocalProcessExecutor(Executor):
     """Every job runs in its own detached ``python -m stride_viz.jobs.worker`` process on this
-    machine; heavy jobs wait in the queue for the one before them (see ``JobStore.try_start``)."""
+    machine; heavy jobs wait in the queue for the one before them (see ``JobStore.try_start``).
+    Jobs of a warm kind (``explain``) go to their run's long-lived explainer process instead
+    (:mod:`stride_viz.jobs.explainer`), started on the first request and woken for each."""
 
     def __init__(self, store: Optional[JobStore] = None) -> None:
         self.store = store if store is not None else JobStore()
 
-    def _spawn(self, job_id: int) -> None:
+    def _spawn(self, job_id: int, kind: str, params: dict[str, Any]) -> None:
+        """Start the job's worker, or hand a warm kind's job to its run's explainer."""
         try:
-            spawn(self.store, job_id)
+            if get_kind(kind).warm:
+                from .explainer import wake_or_start  # late: `-m stride_viz.jobs.explainer` runs it as __main__
+                wake_or_start(self.store, params["run_dir"])
+            else:
+                spawn(self.store, job_id)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             self.store.append_log(job_id, f"{e}\n")
             raise JobError(f"Could not start a worker process for job {job_id}: {e}") from e
@@ -59,12 +66,14 @@ class LocalProcessExecutor(Executor):
         clean = spec.validate(dict(params))
         heavy = bool(clean.get("heavy", spec.heavy))
         job_id = self.store.create(kind, clean, heavy=heavy, title=title or spec.title(clean))
-        self._spawn(job_id)
+        self._spawn(job_id, kind, clean)
         return job_id
 
     def cancel(self, job_id: int) -> Job:
         job = self.store.request_cancel(job_id)
-        if process_alive(job.pid, job.pid_created):
+        # a warm kind's pid is its run's explainer, which serves other requests too: the
+        # cancelled row is enough (the explainer skips it, or its answer is not recorded)
+        if process_alive(job.pid, job.pid_created) and not get_kind(job.kind).warm:
             # SIGTERM: the worker stops at its next should_stop check (saving its checkpoint)
             # and exits by itself after a short grace period in any case
             try:
@@ -75,7 +84,7 @@ class LocalProcessExecutor(Executor):
 
     def resume(self, job_id: int) -> Job:
         old = self.store.get(job_id)
-        if process_alive(old.pid, old.pid_created):
+        if process_alive(old.pid, old.pid_created) and not get_kind(old.kind).warm:
             # a cancelled worker still saving its checkpoint: let it finish before a new one starts
             try:
                 psutil.Process(old.pid).wait(timeout=15)
@@ -85,5 +94,5 @@ class LocalProcessExecutor(Executor):
             except psutil.NoSuchProcess:
                 pass
         job = self.store.requeue(job_id)
-        self._spawn(job_id)
+        self._spawn(job_id, job.kind, job.params)
         return job

@@ -10,6 +10,9 @@ Kinds:
   second launch reuses them and finishes in seconds), then attribute the queries.
 - ``continuation``: a short job that generates the continuation of a query's prompt steered
   by one operator (pages never load a model).
+- ``explain``: one new prompt on a fitted run (the Explore page's "Explain" box), served by
+  the run's warm explainer process (:mod:`stride_viz.jobs.explainer`), which keeps the model
+  and the operators loaded between requests.
 - ``sleep``: waits in steps and reports progress; a real, engine-free job used to exercise the
   runner (queueing, cancel, resume from its step checkpoint).
 
@@ -28,18 +31,19 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from stride_viz.config import ConfigError, FitConfig, RecoveryConfig
-from stride_viz.progress import Cancelled
+from stride_viz.progress import Cancelled, JobProgress, Stage, StageTimer
 
 from stride_viz.storage import RunStore
 
 from .store import JobError
 
-__all__ = ["JobKind", "JobContext", "KINDS", "get_kind", "query_id_for", "DEMO_FREE_PROMPT", "demo_params_from_env"]
+__all__ = ["JobKind", "JobContext", "KINDS", "get_kind", "query_id_for", "DEMO_FREE_PROMPT", "demo_params_from_env",
+           "check_new_prompt", "explain", "MAX_PROMPT_CHARS", "STAGES", "stage_position", "fit_plan"]
 
 DEMO_FREE_PROMPT = "A fortune for today: "
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
@@ -64,6 +68,64 @@ class JobKind:
     validate: Callable[[dict], dict]              # normalised params, or JobError
     run: Callable[[dict, JobContext], dict]       # result (JSON-able)
     title: Callable[[dict], str]
+    # served by the run's long-lived explainer process (jobs/explainer.py), which keeps the
+    # model loaded, instead of a worker process of its own that would load it again
+    warm: bool = False
+
+
+# ----------------------------------------------------------------------------- stage plans
+
+# The stages of each kind, in order, as (name reported in the job row, what the Runs page says):
+# "stage 3 of 4: fitting operators". The row's fraction and time left are the whole job's.
+STAGES: dict[str, tuple[tuple[str, str], ...]] = {
+    "demo": (("model", "preparing the demo model"), ("cache", "reading the pool through the model"),
+             ("fit", "fitting operators"), ("attribute", "explaining the queries")),
+    "attribute": (("model", "loading the model"), ("cache", "reading the pool through the model"),
+                  ("fit", "fitting operators"), ("attribute", "explaining the queries")),
+    "continuation": (("generate", "generating the continuation"),),
+    "sleep": (("sleep", "waiting"),),
+    "explain": (("load", "loading the model and operators (first request of this run only)"),
+                ("attribute", "explaining the prompt")),
+}
+
+# Seconds each stage of the demo job took on the reference machine (2 shared CPU cores, one
+# torch thread; `python -m stride_viz demo` with the shipped demo:tiny checkpoint and the
+# default FitConfig of the time, 3,115 documents). Other jobs scale them by their size; only
+# the ratios matter, since JobProgress measures the job's own speed as it runs.
+_DEMO_SECONDS = {"load": 2.0, "train_step": 0.25, "cache": 6.0, "fit": 90.0, "query": 1.5}
+_DEMO_DOCS, _DEMO_EPOCHS, _DEMO_SUBSETS = 3115, 3.0, 1024
+
+
+def stage_position(kind: str, stage: str) -> Optional[tuple[int, int, str]]:
+    """``(number, of, label)`` of ``stage`` in the plan of job ``kind`` (1-based), or None
+    for a stage the plan does not name."""
+    names = [name for name, _ in STAGES.get(kind, ())]
+    if stage not in names:
+        return None
+    i = names.index(stage)
+    return i + 1, len(names), STAGES[kind][i][1]
+
+
+def fit_plan(kind: str, n_docs: int, config: FitConfig, n_queries: int,
+             model_seconds: float = _DEMO_SECONDS["load"]) -> tuple[Stage, ...]:
+    """The four stages of a ``demo`` or ``attribute`` job with their expected seconds: the demo's
+    measured durations scaled by pool size, epochs and K (``model_seconds``: loading, or
+    training a demo model)."""
+    size = n_docs / _DEMO_DOCS
+    seconds = {"model": model_seconds, "cache": _DEMO_SECONDS["cache"] * size,
+               "fit": _DEMO_SECONDS["fit"] * size * config.epochs / _DEMO_EPOCHS,
+               "attribute": _DEMO_SECONDS["query"] * max(1, n_queries) * config.subsets / _DEMO_SUBSETS}
+    return tuple(Stage(name, label, seconds[name]) for name, label in STAGES[kind])
+
+
+def _with_plan(ctx: "JobContext", plan: tuple[Stage, ...]) -> "JobContext":
+    """``ctx`` whose progress reports the whole job (see :class:`JobProgress`)."""
+    return replace(ctx, progress=JobProgress(plan, ctx.progress))
+
+
+def _as_stage(progress, stage: str):
+    """A listener that passes every report on under the name ``stage``."""
+    return lambda _stage, fraction, eta, message="": progress(stage, fraction, eta, message)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -203,24 +265,38 @@ def _fit_and_attribute(ctx: JobContext, model, pool, config: FitConfig, queries,
     ctx.log(f"run directory: {run_dir}\n")
     stride = Stride.create_or_open(run_dir, model, pool, config)
     t0 = time.monotonic()
-    stride.fit(progress=ctx.progress, should_stop=ctx.should_stop)
+    stride.fit(progress=ctx.progress, should_stop=ctx.should_stop, wait=True)  # waits for another fit of it
     if ctx.should_stop():
         raise Cancelled("stopped after the fit")
     fit_seconds = time.monotonic() - t0
     t1 = time.monotonic()
     given = [q for q in queries if q.completion]
-    attributions = stride.attribute(given, recovery, progress=ctx.progress) if given else []
+    # one "attribute" stage over all the queries, though they are explained in several calls
+    timer = StageTimer("attribute", len(queries), ctx.progress, min_interval=0.0)
+    timer.update(0, f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to explain")
+
+    def part(start: int, count: int):
+        def report(stage: str, fraction: float, eta, message: str = "") -> None:
+            if stage == "attribute":
+                timer.update(start + fraction * count, message)
+            else:
+                ctx.progress(stage, fraction, eta, message)
+        return report
+
+    attributions = stride.attribute(given, recovery, progress=part(0, len(given))) if given else []
     skipped = []
+    done = len(given)
     for q in queries:
         if q.completion:
             continue
         if ctx.should_stop():
             raise Cancelled("stopped between queries")
         try:
-            attributions += stride.attribute([q], recovery, progress=ctx.progress)
+            attributions += stride.attribute([q], recovery, progress=part(done, 1))
         except QueryError as e:
             ctx.log(f"skipped query {q.id}: {e}\n")
             skipped.append({"id": q.id, "reason": str(e)})
+        done += 1
     if not attributions:
         raise QueryError("; ".join(s["reason"] for s in skipped))
     result = {"run_dir": str(run_dir), "query_ids": [a.query.id for a in attributions], "skipped": skipped,
@@ -310,22 +386,32 @@ def _run_demo(p: dict, ctx: JobContext) -> dict:
     from stride_viz.data import models
     from stride_viz.data import pools
     pool = pools.load_pool("fortunes+facts", limit=p["pool_limit"])
-    if p["pool_limit"] is None and not p["model"]:
-        # the standard demo model, shared with `load_model("demo")` and the CLI
-        model = models.load_model(f"demo:{p['preset']}", progress=ctx.progress)
+    config = FitConfig.from_dict(p["fit"])
+    facts = pools.fact_queries(pool)[: p["n_fact_queries"]]
+    queries = facts + [pools.Query(id="free-prompt", prompt=p["free_prompt"], completion=None)]
+    standard = p["pool_limit"] is None and not p["model"]
+    if standard:   # the standard demo model, shared with `load_model("demo")` and the CLI
+        train = not models.demo_model_available(p["preset"])
     else:
         tag = hashlib.sha256(json.dumps([pool.hash, p["model"]], sort_keys=True).encode()).hexdigest()[:12]
         model_dir = models.data_home() / "models" / f"demo-{p['preset']}-{tag}"
-        if not (model_dir / "config.json").exists():
+        train = not (model_dir / "config.json").exists()
+    model_seconds = (_DEMO_SECONDS["train_step"] * models.demo_training_steps(pool, p["preset"], **p["model"])
+                     if train else _DEMO_SECONDS["load"])
+    ctx = _with_plan(ctx, fit_plan("demo", len(pool), config, len(queries), model_seconds))
+    model_progress = _as_stage(ctx.progress, "model")
+    model_progress("model", 0.0, None, "training the demo model (first use)" if train else "loading the demo model")
+    if standard:
+        model = models.load_model(f"demo:{p['preset']}", progress=model_progress)
+    else:
+        if train:
             ctx.log(f"training a reduced demo model ({p['preset']}, {p['model']}) on {len(pool)} documents\n")
-            models.train_demo_model(pool, model_dir, preset=p["preset"], progress=ctx.progress, **p["model"])
+            models.train_demo_model(pool, model_dir, preset=p["preset"], progress=model_progress, **p["model"])
         model = models.load_model(str(model_dir))
+    model_progress("model", 1.0, 0.0, f"model {model.hash[:10]} ready")
     if ctx.should_stop():
         raise Cancelled("stopped after loading the demo model")
-    facts = pools.fact_queries(pool)[: p["n_fact_queries"]]
-    queries = facts + [pools.Query(id="free-prompt", prompt=p["free_prompt"], completion=None)]
-    result = _fit_and_attribute(ctx, model, pool, FitConfig.from_dict(p["fit"]), queries,
-                                RecoveryConfig())
+    result = _fit_and_attribute(ctx, model, pool, config, queries, RecoveryConfig())
     result["demo"] = True
     return result
 
@@ -349,7 +435,10 @@ def _run_attribute(p: dict, ctx: JobContext) -> dict:
     if ctx.should_stop():
         raise Cancelled("stopped before loading the model")
     config = FitConfig.from_dict(p["fit"])
+    ctx = _with_plan(ctx, fit_plan("attribute", len(pool), config, len(p["queries"])))
+    ctx.progress("model", 0.0, None, f"loading {Path(p['model']).name}")
     model = models.load_model(p["model"], device=config.device)
+    ctx.progress("model", 1.0, 0.0, f"model {model.hash[:10]} ready")
     return _fit_and_attribute(ctx, model, pool, config, _queries(p["queries"]),
                               _recovery_config(p["recovery"]))
 
@@ -379,6 +468,67 @@ def _run_continuation(p: dict, ctx: JobContext) -> dict:
     return {"query_id": p["query_id"], "k": p["k"], "text": text}
 
 
+# ----------------------------------------------------------------------------- explain
+
+MAX_PROMPT_CHARS = 2000  # the Explain box's bound; the model's context length is checked too
+
+
+def _snippet(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def check_new_prompt(prompt: Any, completion: Any = None) -> tuple[str, Optional[str]]:
+    """The Explain box's input as (prompt, completion or None), or a one-line JobError that
+    says what to change. The text is kept as typed (a trailing space changes the tokens)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise JobError("Type a prompt to explain.")
+    if completion is not None and not isinstance(completion, str):
+        raise JobError(f"The completion must be text or empty. Got {type(completion).__name__}.")
+    if completion is not None and not completion.strip():
+        completion = None  # blank: the model completes the prompt
+    for what, text in (("prompt", prompt), ("completion", completion)):
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            raise JobError(f"The {what} is {len(text):,} characters long; shorten it to at most "
+                           f"{MAX_PROMPT_CHARS:,}.")
+    return prompt, completion
+
+
+def _validate_explain(p: dict) -> dict:
+    run_dir = _need(p, "run_dir", (str,), "the run directory")
+    store = RunStore(run_dir)
+    if not store.meta_path.exists():
+        raise JobError(f"Run directory '{run_dir}' has no run.json; pick a run from the Explore page.")
+    if not store.is_fitted():
+        raise JobError("This run has no fitted operators yet; wait for its fit to finish.")
+    prompt, completion = check_new_prompt(p.get("prompt"), p.get("completion"))
+    recovery = p.get("recovery") or {}
+    _recovery_config(recovery)
+    return {"run_dir": str(Path(run_dir).resolve()), "prompt": prompt, "completion": completion,
+            "id": query_id_for(prompt, completion), "recovery": recovery}
+
+
+def explain(stride, p: dict, progress: Callable[..., None]) -> dict:
+    """Explain the prompt of an ``explain`` job with an open :class:`Stride` (the warm
+    explainer's, or one opened for this job alone by :func:`_run_explain`)."""
+    from stride_viz.data.pools import Query
+    t0 = time.monotonic()
+    [a] = stride.attribute([Query(p["id"], p["prompt"], p["completion"])],
+                           _recovery_config(p["recovery"]), progress=progress)
+    return {"run_dir": p["run_dir"], "query_ids": [p["id"]],
+            "completion_generated": bool(a.info.get("completion_generated")),
+            "seconds_attribute": round(time.monotonic() - t0, 3)}
+
+
+def _run_explain(p: dict, ctx: JobContext) -> dict:
+    """An explain job run by a worker of its own (``python -m stride_viz.jobs.worker``): loads
+    the run for this one prompt. The executor hands explain jobs to the warm explainer instead."""
+    from stride_viz.engine import Stride
+    ctx.set_run_dir(p["run_dir"])
+    ctx.progress("load", 0.0, None, "loading the model and operators")
+    return explain(Stride.open(p["run_dir"]), p, ctx.progress)
+
+
 KINDS: dict[str, JobKind] = {
     "sleep": JobKind("sleep", True, _validate_sleep, _run_sleep,
                      lambda p: f"sleep {p['seconds']:g} s"),
@@ -389,6 +539,8 @@ KINDS: dict[str, JobKind] = {
                                    f"{len(p['queries'])} quer{'y' if len(p['queries']) == 1 else 'ies'}"),
     "continuation": JobKind("continuation", False, _validate_continuation, _run_continuation,
                             lambda p: f"continuation of {p['query_id']} with operator {p['k']}"),
+    "explain": JobKind("explain", False, _validate_explain, _run_explain,
+                       lambda p: f"explain “{_snippet(p['prompt'], 50)}”", warm=True),
 }
 
 

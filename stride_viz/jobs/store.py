@@ -10,6 +10,12 @@ States: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``cancelled``. A ``
 ``cancelled`` job can be resumed (back to ``queued``); the engine then continues from its
 checkpoints. A job whose worker process is gone (killed, machine rebooted) or whose heartbeat
 is stale is marked ``failed`` by :meth:`JobStore.reap`, which every listing calls.
+
+Faults: a writer killed mid-transaction is rolled back by SQLite (WAL journal); a database
+locked for longer than the busy timeout, or a damaged file, gives a :class:`JobError` of one
+line. A damaged file is moved aside to ``jobs.sqlite.damaged-<time>`` and a fresh table is
+started (the run folders, where the results are, are not touched); ``JobStore.notice`` and a
+warning line say so.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import json
 import os
 import sqlite3
 import time
+from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +91,7 @@ class Job:
     pid_created: Optional[float] = None
     cancel_requested: bool = False
     attempts: int = 1
+    elapsed_before: float = 0.0    # seconds run by the earlier attempts of a resumed job
 
     @property
     def active(self) -> bool:
@@ -95,9 +103,10 @@ class Job:
 
     @property
     def elapsed_seconds(self) -> Optional[float]:
+        """Seconds the job has run, over all its attempts (None before it first started)."""
         if self.started is None:
-            return None
-        return (self.finished or time.time()) - self.started
+            return self.elapsed_before or None
+        return self.elapsed_before + (self.finished or time.time()) - self.started
 
 
 _SCHEMA = """
@@ -125,14 +134,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,
     pid_created REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 1
+    attempts INTEGER NOT NULL DEFAULT 1,
+    elapsed_before REAL NOT NULL DEFAULT 0
 );
 """
 
 _JOB_FIELDS = ("id", "kind", "title", "params", "heavy", "state", "stage", "fraction",
                "eta_seconds", "message", "log", "error", "traceback", "run_dir", "result",
                "created", "started", "finished", "heartbeat", "pid", "pid_created",
-               "cancel_requested", "attempts")
+               "cancel_requested", "attempts", "elapsed_before")
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -158,15 +168,81 @@ def process_alive(pid: Optional[int], created: Optional[float]) -> bool:
         return False
 
 
-class JobStore:
-    """The job table in the SQLite file ``path`` (created on first use)."""
+def _add_missing_columns(con: sqlite3.Connection) -> None:
+    """Migrate a table written by an older version: add the columns it lacks (with their
+    defaults). Another process may add one at the same moment: that is not an error."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(jobs)").fetchall()}
+    for name, decl in (("elapsed_before", "REAL NOT NULL DEFAULT 0"),):
+        if name not in have:
+            try:
+                con.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e).lower():
+                    raise
 
-    def __init__(self, path: str | Path | None = None) -> None:
+
+class _Replaced(JobError):
+    """The database file was damaged and has just been replaced by a fresh one."""
+
+
+def _is_damage(e: sqlite3.DatabaseError) -> bool:
+    text = str(e).lower()
+    return "malformed" in text or "not a database" in text
+
+
+class JobStore:
+    """The job table in the SQLite file ``path`` (created on first use; a damaged file is
+    moved aside and replaced by a fresh one, see the module docstring). ``timeout``: seconds a
+    call waits for another process's write before it gives up with a JobError."""
+
+    def __init__(self, path: str | Path | None = None, timeout: float = 30.0) -> None:
         self.path = Path(path) if path is not None else default_db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout = timeout
+        self.notice: Optional[str] = None   # set when a damaged file was replaced
+        try:
+            self._init_schema(check=True)
+        except _Replaced:
+            pass  # a fresh table replaced the damaged one (self.notice says so)
+
+    def _init_schema(self, check: bool) -> None:
         with self._connect() as con:
+            if check and self.path.stat().st_size > 0:
+                result = con.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise sqlite3.DatabaseError(f"database disk image is malformed ({result})")
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)
+            _add_missing_columns(con)
+
+    def _set_aside(self, error: Exception) -> str:
+        """Move the damaged database (and its journal files) aside; returns the message."""
+        from stride_viz.integrity import warn
+        from stride_viz.runlock import file_lock
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            try:  # another process may have replaced it meanwhile: only move a damaged file
+                con = sqlite3.connect(self.path, timeout=self.timeout)
+                try:
+                    still_damaged = con.execute("PRAGMA quick_check").fetchone()[0] != "ok"
+                finally:
+                    con.close()
+            except sqlite3.DatabaseError:
+                still_damaged = True
+            if still_damaged:
+                for suffix in ("", "-wal", "-shm"):
+                    src = Path(str(self.path) + suffix)
+                    if src.exists():
+                        os.replace(src, Path(str(target) + suffix))
+        self.notice = (f"the job database {self.path} was damaged ({error}); it was moved to "
+                       f"{target.name} and a fresh one started (the run folders are untouched)")
+        warn(f"warning: {self.notice}")
+        return self.notice
 
     @property
     def log_dir(self) -> Path:
@@ -180,12 +256,29 @@ class JobStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        con.row_factory = sqlite3.Row
+        """A connection for one call; a locked or damaged database becomes a one-line JobError
+        (a damaged one is replaced by a fresh one first)."""
         try:
-            yield con
-        finally:
-            con.close()
+            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            con.row_factory = sqlite3.Row
+            try:
+                yield con
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as e:
+            text = str(e).lower()
+            if isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+                raise JobError(f"the job database {self.path} stayed locked by another process "
+                               f"for {self.timeout:g} s; try again (a worker that hangs can be "
+                               f"stopped from the Runs page)") from None
+            if "database or disk is full" in text:
+                from stride_viz.integrity import disk_full
+                raise JobError(str(disk_full(self.path, None))) from None
+            if _is_damage(e):
+                message = self._set_aside(e)
+                self._init_schema(check=False)
+                raise _Replaced(message + "; this call was not done, try it again") from None
+            raise
 
     # ------------------------------------------------------------------ create / read
     def create(self, kind: str, params: dict[str, Any], *, heavy: bool = True, title: str = "") -> int:
@@ -321,7 +414,8 @@ class JobStore:
         return self.get(job_id)
 
     def requeue(self, job_id: int) -> Job:
-        """Put a failed or cancelled job back in the queue (its worker is started by the executor)."""
+        """Put a failed or cancelled job back in the queue (its worker is started by the
+        executor); the time its attempts have run so far is kept in ``elapsed_before``."""
         job = self.get(job_id)
         if not job.resumable:
             raise JobError(f"Job {job_id} is {job.state}; only failed or cancelled jobs can be resumed.")
@@ -329,9 +423,10 @@ class JobStore:
         with self._connect() as con:
             con.execute("UPDATE jobs SET state = 'queued', queued_at = ?, cancel_requested = 0, "
                         "error = '', traceback = '', started = NULL, finished = NULL, pid = NULL, "
+                        "elapsed_before = elapsed_before + COALESCE(COALESCE(finished, ?) - started, 0), "
                         "pid_created = NULL, heartbeat = NULL, eta_seconds = NULL, "
                         "attempts = attempts + 1, log = substr(log || ?, -?) WHERE id = ?",
-                        (now, f"--- resumed (attempt {job.attempts + 1}) ---\n", LOG_TAIL_CHARS, job_id))
+                        (now, now, f"--- resumed (attempt {job.attempts + 1}) ---\n", LOG_TAIL_CHARS, job_id))
         return self.get(job_id)
 
     def reap(self, stale_seconds: float = STALE_SECONDS) -> list[int]:

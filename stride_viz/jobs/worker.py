@@ -24,7 +24,7 @@ from typing import Optional
 
 from stride_viz.progress import Cancelled
 
-from .store import HEARTBEAT_SECONDS, JobStore
+from .store import HEARTBEAT_SECONDS, JobError, JobStore
 
 # After SIGTERM the job gets this long to stop at its next should_stop check and save its
 # checkpoint, then the process exits regardless.
@@ -78,7 +78,10 @@ class _Runner:
         timer.start()
 
     def progress(self, stage: str, fraction: float, eta_seconds: Optional[float], message: str = "") -> None:
-        self.store.progress(self.job_id, stage, fraction, eta_seconds, message)
+        try:
+            self.store.progress(self.job_id, stage, fraction, eta_seconds, message)
+        except JobError as e:  # a locked or replaced table must not stop the work itself
+            print(f"[progress not recorded: {e}]", flush=True)
         now = time.monotonic()
         # the log tail gets at most one progress line a second (plus every stage end)
         if now - self._last_log > 1.0 or fraction >= 1.0:
@@ -87,15 +90,20 @@ class _Runner:
             self.log(f"[{time.strftime('%H:%M:%S')}] {stage} {100 * fraction:.0f}%{eta} {message}\n")
 
     def log(self, text: str) -> None:
-        self.store.append_log(self.job_id, text)
+        try:
+            self.store.append_log(self.job_id, text)
+        except JobError as e:
+            print(f"[log tail not recorded: {e}]", flush=True)
         print(text, end="", flush=True)
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
 
     def run(self) -> int:
+        from stride_viz.integrity import warnings_to
         from .kinds import JobContext, get_kind
         signal.signal(signal.SIGTERM, self._on_term)
+        warnings_to(lambda line: self.log(line + "\n"))  # repaired damage shows in the job's log
         self.store.set_pid(self.job_id, os.getpid())
         threading.Thread(target=self._heartbeat, daemon=True).start()
         try:
@@ -121,8 +129,9 @@ class _Runner:
             except BaseException as e:  # the job failed: keep the message and the traceback
                 trace = tb.format_exc()
                 self.log(trace)
-                self.store.finish(self.job_id, "failed", error=f"{type(e).__name__}: {e}",
-                                  traceback=trace)
+                # a damaged run file, a full disk or a busy run folder: the message says it all
+                error = str(e) if isinstance(e, _one_line_errors()) else f"{type(e).__name__}: {e}"
+                self.store.finish(self.job_id, "failed", error=error, traceback=trace)
                 return 1
             state = "cancelled" if self.stop.is_set() else "done"
             self.log(f"[{time.strftime('%H:%M:%S')}] {state}\n")  # before the row closes: readers see it
@@ -130,6 +139,12 @@ class _Runner:
             return 0
         finally:
             self.done.set()
+
+
+def _one_line_errors() -> tuple[type, ...]:
+    from stride_viz.integrity import DiskFull, RunDamaged
+    from stride_viz.runlock import RunLocked
+    return (RunDamaged, DiskFull, RunLocked)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

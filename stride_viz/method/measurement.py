@@ -14,8 +14,10 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from stride_viz.method.cache import autocast
 from stride_viz.method.frozen import FrozenLM
-from stride_viz.method.operators import SteeringOperators
+from stride_viz.method.logits import LOSS_CHUNK_ELEMENTS, lse, steered_nll, subset_nll, target_columns
+from stride_viz.method.operators import LOGIT_MODES, SteeringOperators
 from stride_viz.data.tokenize import Encoded, encode
 
 __all__ = ["QueryResponses", "measure", "steered_logits", "generate"]
@@ -29,6 +31,7 @@ class QueryResponses:
     token_loss: np.ndarray     # float32 (m,): base loss of each scored (completion) token
     token_ids: np.ndarray      # int64 (m,): the scored tokens
     responses: np.ndarray      # float32 (K,): Loss_base - Loss_k
+    token_responses: Optional[np.ndarray] = None   # float32 (K, m): the same, per scored token
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,8 +42,10 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(lm: FrozenLM, operators: SteeringOperators, mode: str, enc: Encoded,
-            chunk: int = 64) -> list[QueryResponses]:
-    """Responses of every encoded query (rows of ``enc``) to all K operators."""
+            budget: int = LOSS_CHUNK_ELEMENTS, precision: str = "auto") -> list[QueryResponses]:
+    """Responses of every encoded query (rows of ``enc``) to all K operators, in chunks of
+    operators holding at most ``budget`` logits at once; the frozen model runs under bfloat16
+    autocast on a GPU that supports it (``precision`` as in FitConfig)."""
     results = []
     K = operators.n_operators
     for q in range(len(enc)):
@@ -53,25 +58,58 @@ def measure(lm: FrozenLM, operators: SteeringOperators, mode: str, enc: Encoded,
                              "the prompt fills the whole context): shorten the prompt or give a "
                              "completion.")
         targets = ids[0, where + 1]
-        lower, final = lm.hidden(ids, att)
-        base_tok = _nll(lm.logits(final[0, where]), targets)
-        steered = torch.empty(K, device=lm.device)
+        with autocast(lm.device, precision):
+            lower, final = lm.hidden(ids, att)
+        h = final[0, where]                                                 # (m, D)
+        base_full = lm.logits(h)                                            # (m, V)
+        base_tok = _nll(base_full, targets)
+        m = targets.numel()
+        steered = torch.empty(K, m, device=lm.device)
+        if mode in LOGIT_MODES:
+            cols = _columns(operators, lm.cut.vocab, lm.device)
+            base_c = base_full[:, cols]                                     # (m, |C|)
+            outside = base_full.clone()
+            outside[:, cols] = float("-inf")
+            rest = torch.logsumexp(outside, -1) if cols.numel() < lm.cut.vocab else None
+            col = target_columns(targets, cols, lm.cut.vocab)
+            base_t = base_full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # the base loss through the same arithmetic as the steered ones (equal to the
+            # model's own up to float rounding), so that a zero operator responds exactly 0
+            base_tok = steered_nll(base_c, None, rest, base_t, col)
+            op_cols = operators.op_columns
+            if op_cols is not None:       # vocabulary 'subset': each operator its own columns
+                lse_base = lse(base_c, rest)
+                lp_c = base_c - lse_base.unsqueeze(-1)                      # (m, |C|)
+                lp_t = base_t - lse_base
+                # through the same arithmetic as the steered losses (a zero operator: exactly 0)
+                base_tok = -lp_t
+            chunk = max(1, budget // max(1, m * operators.out_dim))
+        else:
+            chunk = max(1, budget // max(1, L * lm.cut.vocab))
         for start in range(0, K, chunk):
             ops = torch.arange(start, min(K, start + chunk), device=lm.device)
-            if mode == "logits":
-                h = final[0, where]                                         # (m, D)
-                logits = lm.logits(h).unsqueeze(0) + operators.shift_all(h, ops)  # (c, m, V)
+            if mode in LOGIT_MODES and op_cols is not None:
+                shift = operators.shift_all(h, ops)                         # (c, m, W)
+                cols = op_cols[ops]                                         # (c, W)
+                lp = lp_c[:, cols.clamp_min(0)].permute(1, 0, 2)            # (c, m, W)
+                lp = lp.masked_fill((cols < 0).unsqueeze(1), float("-inf"))
+                is_t = (cols.unsqueeze(1) == col[None, :, None]) & (col[None, :, None] >= 0)
+                steered[ops] = subset_nll(lp, shift, lp_t, is_t)
+            elif mode in LOGIT_MODES:
+                shift = operators.shift_all(h, ops)                         # (c, m, |C|)
+                steered[ops] = steered_nll(base_c, shift, rest, base_t, col)
             else:
-                h = lower + operators.shift_all(lower[0], ops)               # (c, L, D)
+                hs = lower + operators.shift_all(lower[0], ops)              # (c, L, D)
                 c = ops.numel()
-                out = lm.upper_hidden(h, ids.expand(c, -1), att.expand(c, -1))
-                logits = lm.logits(out[:, where])
-            steered[ops] = _nll(logits, targets).mean(-1)
+                with autocast(lm.device, precision):
+                    out = lm.upper_hidden(hs, ids.expand(c, -1), att.expand(c, -1))
+                steered[ops] = _nll(lm.logits(out[:, where]), targets)
         loss_base = base_tok.mean()
         results.append(QueryResponses(
             loss_base=float(loss_base), token_loss=base_tok.float().cpu().numpy(),
             token_ids=targets.cpu().numpy(),
-            responses=(loss_base - steered).float().cpu().numpy()))
+            responses=(loss_base - steered.mean(-1)).float().cpu().numpy(),
+            token_responses=(base_tok.unsqueeze(0) - steered).float().cpu().numpy()))
     return results
 
 
@@ -87,7 +125,7 @@ def _residual_hook(lm: FrozenLM, operators: SteeringOperators, ops: torch.Tensor
 
     def hook(_module, _inputs, output):
         h = output[0] if isinstance(output, tuple) else output
-        h = h + _row_shift(operators, h, ops).to(h.dtype)
+        h = (h + _row_shift(operators, h, ops).to(h.dtype)).contiguous()  # Mixtral .view()s it
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
     handle = lm.blocks[lm.cut.layer - 1].register_forward_hook(hook)
@@ -104,11 +142,28 @@ def steered_logits(lm: FrozenLM, operators: Optional[SteeringOperators], mode: s
     steer = operators is not None and bool((ops >= 0).any())
     if steer and mode == "residual":
         with _residual_hook(lm, operators, ops):
-            final = lm.base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+            final = lm.final_hidden(ids, att)
         return lm.logits(final)
-    final = lm.base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+    final = lm.final_hidden(ids, att)
     logits = lm.logits(final)
-    return logits + _row_shift(operators, final, ops) if steer else logits
+    if not steer:
+        return logits
+    shift = _row_shift(operators, final, ops)                               # (B, T, out)
+    columns = _columns(operators, logits.shape[-1], logits.device)
+    if operators.op_columns is None:
+        logits[..., columns] += shift
+        return logits
+    for b, k in enumerate(ops.tolist()):      # vocabulary 'subset': row b's operator's columns
+        if k >= 0:
+            cols = operators.op_columns[k]
+            keep = cols >= 0
+            logits[b][..., columns[cols[keep]]] += shift[b][..., keep]
+    return logits
+
+
+def _columns(operators: SteeringOperators, vocab: int, device: torch.device) -> torch.Tensor:
+    """The vocabulary ids a logits-space operator shifts (all of them when it names none)."""
+    return operators.columns if operators.columns is not None else torch.arange(vocab, device=device)
 
 
 @torch.no_grad()

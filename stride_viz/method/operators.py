@@ -2,18 +2,30 @@
 model they steer is :mod:`stride_viz.method.frozen`).
 
 One shared low-rank basis ``B: R^D -> R^r`` reads a hidden state; operator ``k`` owns a matrix
-``A[k]`` that maps the r features to a shift.
+``A[k]`` that maps the r features to a shift. Three designs (``FitConfig.mode``):
 
-- residual mode: ``h_l <- h_l + A[k] B(h_l)`` with ``A[k]: r x D``, after block ``layer``; the
-  frozen blocks above run as usual.
-- logits mode: ``logits <- logits + A[k] B(h_L)`` with ``A[k]: r x V``; **(ours)** the basis
-  reads the final hidden state h_L (the input of the LM head), so no block has to be re-run.
+- ``factored`` (default): ``logits[C] <- logits[C] + B(h_L) A[k] U`` with ``A[k]: r x r2`` per
+  operator and one shared, trained output basis ``U: r2 x |C|``. Per operator r * r2 numbers
+  (512 at the defaults), whatever the vocabulary: the cost no longer grows with K * V.
+- ``logits``: ``logits[C_k] <- logits[C_k] + B(h_L) A[k]`` with ``A[k]: r x |C_k|``. With
+  ``vocabulary = "subset"`` (the default) C_k are the tokens of operator k's own subset (its
+  fidelity loss can only ever ask it to raise those), so an operator holds r * |C_k| numbers,
+  a few hundred tokens' worth for a subset of a few dozen documents, whatever V is; with
+  ``"pool"`` or ``"full"`` every operator shifts all of C (the first design).
+- ``residual``: ``h_l <- h_l + rms(h_l) B(h_l / rms(h_l)) A[k]`` with ``A[k]: r x D``, after block
+  ``layer``; the frozen blocks above run as usual.
+
+``C`` are the operators' output columns: in the two logits-space modes the tokens that occur as
+targets in the pool (``FitConfig.vocabulary = "pool"``) or the whole vocabulary (``"full"``).
+Tokens outside C keep their logits; the log-sum-exp over them is exact (see
+:mod:`stride_viz.method.logits`). **(ours)** the basis reads the final hidden state h_L (the
+input of the LM head), so no block has to be re-run in the logits-space modes.
 
 ``A`` starts at zero, so every operator starts as the identity (bit-for-bit: a zero operator
 adds exactly 0.0). **(ours)** The basis reads the RMS-normalised hidden state, and in
-residual mode the shift is scaled back by that RMS (``h + rms(h) A[k] B(h / rms(h))``): the
-residual stream's scale differs by orders of magnitude between models and layers, and the
-normalisation keeps one learning rate right for all of them.
+residual mode the shift is scaled back by that RMS: the residual stream's scale differs by
+orders of magnitude between models and layers (it grows with depth), and the normalisation
+keeps one learning rate right for all of them.
 """
 from __future__ import annotations
 
@@ -22,24 +34,68 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["SteeringOperators"]
+__all__ = ["SteeringOperators", "MODES", "LOGIT_MODES"]
+
+MODES = ("factored", "logits", "residual")
+LOGIT_MODES = ("factored", "logits")     # operators that shift the logits of the columns C
 
 
 class SteeringOperators(nn.Module):
     """The shared basis and the K operator matrices.
 
-    basis: (r, D); A: (K, r, out) with out = D (residual mode) or V (logits mode).
+    basis: (r, D); A: (K, r, r2) with a shared U: (r2, out) when ``inner_rank`` = r2 is given
+    (factored mode), else A: (K, r, out); out = D (residual mode) or |C| (logits-space modes).
+    ``columns``: int64 (|C|,) vocabulary ids of the output columns (logits-space modes; None
+    in residual mode); ``op_columns``: int64 (K, W), with vocabulary 'subset', the columns
+    (indices into ``columns``, -1 = padding) that each operator shifts; then out = W.
     """
 
     def __init__(self, n_operators: int, d_model: int, rank: int, out_dim: int,
-                 generator: torch.Generator, rms_scale: bool = False) -> None:
+                 generator: torch.Generator, rms_scale: bool = False,
+                 inner_rank: Optional[int] = None, columns: Optional[torch.Tensor] = None,
+                 op_columns: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.rms_scale = rms_scale    # residual mode: shift in units of the stream's RMS
         basis = torch.empty(rank, d_model)
         # Orthonormal rows: the r features start decorrelated and unit-gain.
         nn.init.orthogonal_(basis, generator=generator)
         self.basis = nn.Parameter(basis)
-        self.A = nn.Parameter(torch.zeros(n_operators, rank, out_dim))
+        width = out_dim if inner_rank is None else inner_rank
+        self.A = nn.Parameter(torch.zeros(n_operators, rank, width))
+        if inner_rank is not None:
+            # N(0, 1/r2): a unit change of A moves a logit by about as much as in logits mode
+            U = torch.randn(inner_rank, out_dim, generator=generator) / inner_rank ** 0.5
+            self.U: Optional[nn.Parameter] = nn.Parameter(U)
+        else:
+            self.U = None
+        if op_columns is not None and tuple(op_columns.shape) != (n_operators, out_dim):
+            raise ValueError(f"op_columns must have shape ({n_operators}, {out_dim}); got "
+                             f"{tuple(op_columns.shape)}")
+        if op_columns is None and columns is not None and columns.numel() != out_dim:
+            raise ValueError(f"columns has {columns.numel()} entries for {out_dim} output columns")
+        self.register_buffer("columns", columns.long() if columns is not None else None)
+        # vocabulary 'subset': operator k shifts the columns op_columns[k] (indices into
+        # ``columns``, -1 = padding) instead of all of them
+        self.register_buffer("op_columns", op_columns.long() if op_columns is not None else None)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], rms_scale: bool) -> "SteeringOperators":
+        """Rebuild from :meth:`to_tensors` (the run's operators.safetensors)."""
+        K, r, width = tensors["A"].shape
+        U = tensors.get("U")
+        out = U.shape[1] if U is not None else width
+        ops = cls(K, tensors["basis"].shape[1], r, out, torch.Generator(), rms_scale=rms_scale,
+                  inner_rank=width if U is not None else None, columns=tensors.get("columns"),
+                  op_columns=tensors.get("op_columns"))
+        ops.load_state_dict({k: v for k, v in tensors.items()})
+        return ops
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    @property
+    def out_dim(self) -> int:
+        return self.U.shape[1] if self.U is not None else self.A.shape[2]
 
     @property
     def n_operators(self) -> int:
@@ -56,21 +112,26 @@ class SteeringOperators(nn.Module):
         """Factor applied to a shift: rms(h) (..., 1) in residual mode, else 1."""
         return self._rms(h) if self.rms_scale else 1.0
 
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., r2) -> (..., out) through the shared output basis (factored mode), else as is."""
+        return x if self.U is None else x @ self.U
+
     def shift(self, h: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Shift of operator ``ops[p]`` on ``h[p]``: h (P, ..., D), ops (P,) -> (P, ..., out)."""
         z = self.features(h)                       # (P, ..., r)
-        A = self.A[ops]                            # (P, r, out)
+        A = self.A[ops]                            # (P, r, width)
         flat = z.reshape(z.shape[0], -1, z.shape[-1])
-        return torch.bmm(flat, A).reshape(*z.shape[:-1], A.shape[-1]) * self.scale(h)
+        out = self._out(torch.bmm(flat, A))
+        return out.reshape(*z.shape[:-1], out.shape[-1]) * self.scale(h)
 
     def shift_rows(self, h: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
         """Shift of each of the operators ``ops[b]`` on ``h[b]``: h (B, T, D), ops (B, c) ->
         (B, c, T, out) (how training steers an example with several operators at once)."""
-        shift = torch.einsum("btr,bcro->bcto", self.features(h), self.A[ops])
+        shift = self._out(torch.einsum("btr,bcro->bcto", self.features(h), self.A[ops]))
         return shift * (self.scale(h).unsqueeze(1) if self.rms_scale else 1.0)
 
     def shift_all(self, h: torch.Tensor, ops: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Shift of every operator (or of ``ops``) on the same h: (..., D) -> (K, ..., out)."""
         z = self.features(h)
         A = self.A if ops is None else self.A[ops]
-        return torch.einsum("...r,kro->k...o", z, A) * self.scale(h)
+        return self._out(torch.einsum("...r,kro->k...o", z, A)) * self.scale(h)

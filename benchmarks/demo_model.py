@@ -1,0 +1,97 @@
+"""Demo model quality: does the model say its planted facts, and does it write readable text?
+
+    python benchmarks/demo_model.py                                   # the shipped checkpoint
+    python benchmarks/demo_model.py --train '{"epochs": 12, "fact_repeats": 8}'   # a candidate recipe
+
+With ``--train``, a candidate ``demo:tiny`` recipe (JSON overrides of the preset, see
+``stride_viz.data.models.demo_settings``) is trained from scratch on ``fortunes+facts`` into
+``benchmarks/work/demo-<hash of the recipe>`` first (reused when it exists). Prints one JSON
+object: the recipe, the CPU seconds of training, how many of the 34 fact prompts the greedy
+continuation answers (``stride_viz.demo.facts_said``), the mean loss per completion token of the
+fact queries, and the greedy continuations of a few free prompts (to read). ``--record`` adds it
+to ``benchmarks/results/demo_quality.json`` under ``models``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+FREE_PROMPTS = ("A wise man once said", "A fortune for today: ", "Never trust a", "The secret of life is")
+
+
+def _fact_loss(model, pool) -> float:
+    import torch
+    from stride_viz.data.pools import fact_queries
+    from stride_viz.data.tokenize import encode, sequence_losses
+    qs = fact_queries(pool)
+    enc = encode(model.tokenizer, [q.prompt for q in qs], [q.completion for q in qs], 128)
+    with torch.no_grad():
+        logits = model.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    return float(sequence_losses(logits, enc.input_ids, enc.loss_mask).mean())
+
+
+def measure(folder: Path) -> dict:
+    """Facts said, fact loss and free-prompt continuations of the model saved in ``folder``."""
+    from stride_viz.data.models import load_model
+    from stride_viz.data.pools import load_pool
+    from stride_viz.demo import facts_said
+    from stride_viz.method.frozen import FrozenLM
+    from stride_viz.method.measurement import generate
+
+    pool = load_pool("fortunes+facts")
+    model = load_model(str(folder), device="cpu")
+    said = facts_said(model, pool)
+    lm = FrozenLM(model.model)
+    return {"weights_hash": model.hash, "facts_said": said["said"], "facts": said["of"],
+            "fact_loss": round(_fact_loss(model, pool), 3),
+            "missed": {r["id"]: r["continuation"] for r in said["queries"] if not r["said"]},
+            "free_prompts": {p: generate(lm, model.tokenizer, p, 32)[0] for p in FREE_PROMPTS}}
+
+
+def main() -> None:
+    import torch
+    torch.set_num_threads(1)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a saved model folder (default: the demo:tiny checkpoint)")
+    ap.add_argument("--train", default=None, help="JSON overrides of the demo:tiny preset to train first")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--record", action="store_true", help="append the result to demo_quality.json")
+    args = ap.parse_args()
+    from stride_viz.data.models import demo_model_dir, demo_settings, train_demo_model
+    from stride_viz.data.pools import load_pool
+
+    row: dict = {}
+    if args.train is not None:
+        overrides = json.loads(args.train)
+        settings = demo_settings("tiny", **overrides)
+        tag = hashlib.sha256(json.dumps([settings, args.seed], sort_keys=True).encode()).hexdigest()[:10]
+        folder = ROOT / "benchmarks" / "work" / f"demo-{tag}"
+        row["recipe"] = {**settings, "seed": args.seed}
+        if not (folder / "config.json").exists():
+            c0, t0 = time.process_time(), time.monotonic()
+            train_demo_model(load_pool("fortunes+facts"), folder, "tiny", seed=args.seed, **overrides)
+            row["train_cpu_seconds"] = round(time.process_time() - c0, 1)
+            row["train_wall_seconds"] = round(time.monotonic() - t0, 1)
+    else:
+        folder = Path(args.model) if args.model else demo_model_dir("tiny")
+    row["model"] = str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+    row.update(measure(folder))
+    print(json.dumps(row, indent=1))
+    if args.record:
+        out = ROOT / "benchmarks" / "results" / "demo_quality.json"
+        doc = json.loads(out.read_text())
+        doc.setdefault("models", []).append(row)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
