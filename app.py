@@ -19,8 +19,10 @@ def home() -> None:
     st.markdown(
         "stride_viz answers that with **STRIDE**: it trains one small *steering operator* per random "
         "subset of your training pool (once per model and pool), measures how each operator moves the "
-        "loss of your prompt's completion, and solves a sparse regression that names the few training "
-        "examples responsible, with a sign: **helps** (lowers the loss) or **hurts** (raises it).")
+        "loss of your prompt's completion, and solves a sparse regression that gives each training "
+        "example a score with a sign: **helps** (lowers the loss) or **hurts** (raises it), or exactly "
+        "0 when the responses show no evidence of it. Explore ranks them and says how much of the "
+        "explanation the top ones carry: a few examples, or many small effects.")
     left, right = st.columns([3, 2])
     with left:
         st.markdown("#### New here? Run the built-in demo")

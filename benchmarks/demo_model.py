@@ -57,6 +57,63 @@ def measure(folder: Path) -> dict:
             "free_prompts": {p: generate(lm, model.tokenizer, p, 32)[0] for p in FREE_PROMPTS}}
 
 
+def _greedy(model, tok, prompt: str, n: int) -> str:
+    import torch
+    x = torch.tensor([[tok.bos_token_id] + tok(prompt)["input_ids"]])
+    out = []
+    for _ in range(n):
+        nxt = int(model(input_ids=x).logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        out.append(nxt)
+        x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    return tok.decode(out)
+
+
+def curve(overrides: dict, seed: int, every: float) -> None:
+    """Train one recipe and print, every ``every`` epochs, the facts said and two free-prompt
+    continuations (the schedule is the full run's: a trend, not a shorter run's result)."""
+    import re
+    import torch
+    from stride_viz.data import models
+    from stride_viz.data.pools import load_pool
+
+    pool = load_pool("fortunes+facts")
+    cfg = models.demo_settings("tiny", **overrides)
+    rows = models.training_rows(pool, cfg["fact_repeats"])
+    tok = models.train_tokenizer([pool.text(i) for i in rows], cfg["vocab_size"])
+    steps = models.demo_training_steps(pool, "tiny", **overrides)
+    interval = max(1, round(steps / cfg["epochs"] * every))
+    held, state = [], {"bucket": 0}
+    train_lm = models.train_lm
+
+    def spy(model, *a, **k):
+        held.append(model)
+        return train_lm(model, *a, **k)
+
+    def report(stage, fraction, eta, message=""):
+        m = re.match(r"step (\d+)/\d+, loss ([\d.]+)", message)
+        if not m or int(m.group(1)) // interval <= state["bucket"]:
+            return
+        state["bucket"] = int(m.group(1)) // interval
+        model = held[0]
+        model.eval()
+        with torch.no_grad():
+            said = sum(bool(w) and w.group(1) == f.query.completion.strip().rstrip(".")
+                       for f in pool.facts
+                       for w in [re.match(r"\s*([^\s.,;:!?]+)", _greedy(model, tok, f.query.prompt, 6))])
+            free = [_greedy(model, tok, p, 20) for p in FREE_PROMPTS[:2]]
+        model.train()
+        print(json.dumps({"epoch": round(int(m.group(1)) / steps * cfg["epochs"], 2), "loss": float(m.group(2)),
+                          "said": said, "free": free}), flush=True)
+
+    models.train_lm = spy
+    try:
+        models.fit_demo_lm(pool, tok, "tiny", seed, report, **overrides)
+    finally:
+        models.train_lm = train_lm
+
+
 def main() -> None:
     import torch
     torch.set_num_threads(1)
@@ -65,7 +122,11 @@ def main() -> None:
     ap.add_argument("--train", default=None, help="JSON overrides of the demo:tiny preset to train first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--record", action="store_true", help="append the result to demo_quality.json")
+    ap.add_argument("--curve", type=float, default=None, metavar="EPOCHS",
+                    help="with --train: print the facts said every EPOCHS epochs while training, save nothing")
     args = ap.parse_args()
+    if args.curve is not None:
+        return curve(json.loads(args.train or "{}"), args.seed, args.curve)
     from stride_viz.data.models import demo_model_dir, demo_settings, train_demo_model
     from stride_viz.data.pools import load_pool
 

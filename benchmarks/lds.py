@@ -10,14 +10,18 @@ One command builds (or reuses) everything, in steps that each skip what is alrea
    processes can help: ``python -m stride_viz.evaluation.retrain GT_DIR --shard 1/2``);
 4. methods: every peer in ``stride_viz.evaluation.baselines`` and STRIDE (engine defaults), one process
    per method so that peak memory is per method; scores saved as .npy;
-5. report: ``benchmarks/results/lds.json`` and ``benchmarks/results/lds.png``.
+5. report: every method's scores, compressed (float16, rows scaled), into the committed
+   ``benchmarks/results/lds_scores/<method>.npz``; ``benchmarks/results/lds.json`` (LDS
+   computed from those files, on all queries and on each side of the fixed development/test
+   split of ``metrics.query_split``) and ``benchmarks/results/lds.png`` (test queries).
+   A method whose scores are gone (an earlier run's) keeps its entry from the previous report.
 
     python benchmarks/lds.py                      # everything
     python benchmarks/lds.py --steps retrain      # only some steps
     python benchmarks/lds.py --methods trak,tfidf # only some methods
 
-Where things go: the ground truth (small, committed) in benchmarks/results/lds_ground_truth/;
-the model, the STRIDE run and every method's scores in benchmarks/work/ (gitignored).
+Where things go: the ground truth and the compressed scores (committed) in benchmarks/results/;
+the model, the STRIDE run and the float32 scores in benchmarks/work/ (gitignored).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ WORK = ROOT / "benchmarks" / "work"
 GT_DIR = RESULTS / "lds_ground_truth"
 MODEL_DIR = WORK / "lds_model"
 SCORES = WORK / "lds_scores"
+COMMITTED_SCORES = RESULTS / "lds_scores"
 RUN_DIR = WORK / "lds_stride_run"
 
 # Sized so that one retraining takes ~20 s on a shared 2-core CPU (64 of them in ~25 min).
@@ -52,6 +57,12 @@ N_HELDOUT = 80
 N_SUBSETS = 64
 FRACTION = 0.3
 ALL_METHODS = ("stride",) + METHODS
+# The benchmark's settings for peers where they differ from baselines.default_settings: the
+# library's own documented heuristics, not values tuned here (LDS_PEER_SETTINGS overrides).
+PEER_SETTINGS = {"ekfac": {"damping_factor": None}}  # kronfluence: 0.1 x mean eigenvalue
+# Seeds torch before each method: kronfluence's EK-FAC samples labels (true Fisher) and
+# differs from run to run otherwise.
+TORCH_SEED = 0
 
 
 def _log(msg: str) -> None:
@@ -194,6 +205,7 @@ def run_one_method(method: str) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("LDS_THREADS", "1")))
+    torch.manual_seed(TORCH_SEED)
     from stride_viz.evaluation.retrain import open_inputs
 
     meta, pool, queries, _ = open_inputs(GT_DIR)
@@ -207,10 +219,13 @@ def run_one_method(method: str) -> None:
 
         lm = load_model(str(MODEL_DIR), device="cpu")
         # e.g. LDS_PEER_SETTINGS='{"if-arnoldi": {"precompute_data_ratio": 0.1}}'
-        over = json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(method)
+        over = {**PEER_SETTINGS.get(method, {}),
+                **json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(method, {})}
         res = run_method(method, lm.model, lm.tokenizer, pool, queries,
                          max_length=meta["recipe"]["max_length"], settings=over)
         out = {"scores": res.scores, **res.summary()}
+        out["settings"] = {**out["settings"], "torch_seed": TORCH_SEED,
+                           "differs_from_default_settings": over}
     SCORES.mkdir(parents=True, exist_ok=True)
     np.save(SCORES / f"{method}.npy", out.pop("scores"))
     (SCORES / f"{method}.json").write_text(json.dumps(out, indent=1, default=str))
@@ -264,26 +279,56 @@ def step_report() -> dict:
     fact_rows = [q for q, item in enumerate(queries) if item["id"] in facts]
     relevant = [[pool.index_of(s) for s in facts[queries[q]["id"]]] for q in fact_rows]
     heldout_rows = [q for q in range(len(queries)) if q not in set(fact_rows)]
+    ids = [item["id"] for item in queries]
+    dev = ev.query_split(ids)
+    is_fact = np.isin(np.arange(len(queries)), fact_rows)
+    groups = {"heldout": ~is_fact, "facts": is_fact}
+    previous = _previous_methods()
     methods = {}
     variants = sorted({p.stem for ext in ("npy", "failed") for p in SCORES.glob(f"stride:*.{ext}")}
                       if SCORES.exists() else [])
-    for m in list(ALL_METHODS) + variants:
-        f = SCORES / f"{m}.npy"
-        if not f.exists():
-            failed = SCORES / f"{m}.failed"
-            if failed.exists():
-                methods[m] = {"status": "failed", "error": failed.read_text().strip(),
-                              "settings": _settings_of(m)}
+    for m in dict.fromkeys(list(ALL_METHODS) + variants + list(previous)):
+        old, failed = previous.get(m), SCORES / f"{m}.failed"
+        committed = COMMITTED_SCORES / f"{m.replace(':', '-')}.npz"
+        if (SCORES / f"{m}.npy").exists():
+            # LDS from the committed (16-bit) copy, so that the repository reproduces lds.json
+            scores = ev.save_scores(committed, ev.load_scores(SCORES / f"{m}.npy", len(ids)), ids)
+            info = json.loads((SCORES / f"{m}.json").read_text())
+        elif old and old.get("scores_file") == _rel(committed) and committed.exists():
+            # e.g. a fresh clone: the committed scores and what the previous report said of their run
+            scores = ev.load_scores(committed, len(ids), ids)
+            info = {k: old[k] for k in ("seconds_fit", "seconds_per_query", "peak_rss_mb", "settings")
+                    if k in old}
+        elif failed.exists() and not (old and old["status"] == "ok"):
+            methods[m] = {"status": "failed", "error": failed.read_text().strip(),
+                          "settings": _settings_of(m)}
             continue
-        scores = ev.load_scores(f, len(queries))
-        info = json.loads((SCORES / f"{m}.json").read_text())
+        elif old:
+            methods[m] = _carried(old, failed)
+            continue
+        else:
+            continue
         res = ev.lds(scores, gt.train_subsets, gt.test_loss)
         methods[m] = {"status": "ok", **res.to_dict(),
                       "lds_mean_heldout": float(res.per_query[heldout_rows].mean()),
                       "lds_mean_facts": float(res.per_query[fact_rows].mean()),
+                      **ev.split_means(res.per_query, dev, groups),
                       "recall_at_10": ev.recall_at_k(scores[fact_rows], relevant, 10),
-                      "mrr": ev.mrr(scores[fact_rows], relevant), **info,
-                      "scores_file": str(f.relative_to(ROOT))}
+                      "mrr": ev.mrr(scores[fact_rows], relevant)}
+        for side, mask in (("test", ~dev), ("dev", dev)):
+            keep = [k for k, q in enumerate(fact_rows) if mask[q]]
+            rows, rel = [fact_rows[k] for k in keep], [relevant[k] for k in keep]
+            methods[m][f"recall_at_10_{side}"] = ev.recall_at_k(scores[rows], rel, 10)
+            methods[m][f"mrr_{side}"] = ev.mrr(scores[rows], rel)
+        methods[m].update({**info, "scores_file": _rel(committed)})
+    old, new = previous.get("stride"), methods.get("stride")
+    if old and new and old["status"] == new["status"] == "ok" and old.get("settings") != new.get("settings"):
+        # the defaults changed (their scores file now holds the new ones): keep the earlier
+        # defaults' numbers as a row of the ablation, the reference of the variants run with them
+        methods["stride:previous-defaults"] = _carried({**old, "scores_file": None}, failed=None)
+    for r in methods.values():
+        if r["status"] == "ok" and "lds_mean_test" not in r:  # entries of earlier reports
+            r.update(ev.split_means(r["lds_per_query"], dev, groups))
     report = {
         "what": "Linear Datamodeling Score (Spearman, per query, between the sum of a method's "
                 "scores over a retrained subset and minus the query's loss under the model "
@@ -295,20 +340,31 @@ def step_report() -> dict:
                     "fraction": meta.get("fraction"), "recipe": meta["recipe"],
                     "loss": meta.get("loss"),
                     "model_train_seconds": _read_float(MODEL_DIR / "train_seconds.txt"),
-                    "machine": "2 shared CPU cores, torch threads 1 per method"},
+                    "machine": "2 shared CPU cores, torch threads 1 per method",
+                    "split": {"rule": "stride_viz.evaluation.metrics.query_split(query ids): settings "
+                                      "are chosen on the development queries, results reported on "
+                                      "the test queries",
+                              "n_dev": int(dev.sum()), "n_test": int((~dev).sum()),
+                              "n_dev_facts": int((dev & is_fact).sum()),
+                              "n_test_facts": int((~dev & is_fact).sum())},
+                    "query_group": ["facts" if f else "heldout" for f in is_fact]},
         "ground_truth": str(GT_DIR.relative_to(ROOT)),
+        "scores": str(COMMITTED_SCORES.relative_to(ROOT)) + "/<method>.npz (metrics.load_scores)",
         "methods": methods,
-        "target": target_check(methods),
-        "ablation": ablation_table(methods),
+        "target": target_check(methods, dev),
+        "ablation": ablation_table(methods, dev),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lds.json").write_text(json.dumps(report, indent=1))
-    _plot(report)
+    _plot(report, ~dev)
     _log(f"wrote {RESULTS / 'lds.json'}")
     for m, r in methods.items():
         if r["status"] == "ok":
-            _log(f"{m:11s} LDS {r['lds_mean']:+.3f} ± {r['lds_std']:.3f}  recall@10 {r['recall_at_10']:.2f}"
-                 f"  MRR {r['mrr']:.2f}  fit {r['seconds_fit']:.1f}s  per query {r['seconds_per_query']:.3f}s")
+            _log(f"{m:11s} LDS test {r['lds_mean_test']:+.3f} ± {r['lds_std_test']:.3f} "
+                 f"(held-out {r['lds_mean_test_heldout']:+.3f} / facts {r['lds_mean_test_facts']:+.3f}), "
+                 f"dev {r['lds_mean_dev']:+.3f}, all {r['lds_mean']:+.3f}  recall@10 {r['recall_at_10']:.2f}"
+                 f"  MRR {r['mrr']:.2f}  fit {r['seconds_fit']:.1f}s  per query {r['seconds_per_query']:.3f}s"
+                 + ("" if r.get("scores_file") else "  (earlier run, scores not kept)"))
         else:
             _log(f"{m:11s} FAILED: {r['error']}")
     return report
@@ -320,22 +376,29 @@ def paired_difference(a: list, b: list) -> dict:
     return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(d.size))}
 
 
-def target_check(methods: dict) -> dict:
-    """STRIDE (defaults) against the best peer library method by mean LDS."""
+def target_check(methods: dict, dev: np.ndarray) -> dict:
+    """STRIDE (defaults) against the best peer library method by mean LDS on the test queries
+    (dev: bool (n_queries,), True = development query)."""
     peers = {m: r for m, r in methods.items() if m in GRADIENT_METHODS and r["status"] == "ok"}
     stride = methods.get("stride")
     if not peers or not stride or stride["status"] != "ok":
         return {}
-    best = max(peers, key=lambda m: peers[m]["lds_mean"])
-    diff = paired_difference(stride["lds_per_query"], peers[best]["lds_per_query"])
-    return {"best_peer": best, "best_peer_lds": peers[best]["lds_mean"],
-            "stride_lds": stride["lds_mean"], "stride_minus_best_peer": diff,
-            "target": "stride_lds >= best_peer_lds", "met": stride["lds_mean"] >= peers[best]["lds_mean"]}
+    best = max(peers, key=lambda m: peers[m]["lds_mean_test"])
+    test = ~dev
+    diff = paired_difference(np.asarray(stride["lds_per_query"])[test],
+                             np.asarray(peers[best]["lds_per_query"])[test])
+    return {"queries": "test", "best_peer": best, "best_peer_lds": peers[best]["lds_mean_test"],
+            "stride_lds": stride["lds_mean_test"], "stride_minus_best_peer": diff,
+            "target": "stride_lds >= best_peer_lds",
+            "met": stride["lds_mean_test"] >= peers[best]["lds_mean_test"]}
 
 
-def ablation_table(methods: dict) -> list[dict]:
-    """Every STRIDE variant: how its recorded settings differ from today's defaults, its LDS,
-    and its paired difference to the defaults' LDS."""
+def ablation_table(methods: dict, dev: np.ndarray) -> list[dict]:
+    """Every STRIDE variant: how its recorded settings differ from today's defaults, its LDS
+    (all queries, and the development queries on which settings are chosen), and its paired
+    difference to the defaults' LDS; best on the development queries first. A variant of an
+    earlier run lists under ``not_recorded`` the settings its record lacks (those of the code
+    it ran with)."""
     from stride_viz.config import FitConfig, RecoveryConfig
 
     base_fit, base_rec = FitConfig().to_dict(), RecoveryConfig().to_dict()
@@ -349,14 +412,47 @@ def ablation_table(methods: dict) -> list[dict]:
         changes.update({f"recovery.{k}": v for k, v in rec.items() if base_rec.get(k) != v})
         if m == "stride:backprojection":
             changes["recovery"] = "back-projection instead of the Lasso"
-        row = {"method": m, "changes_from_defaults": changes, "lds_mean": r["lds_mean"],
-               "lds_std": r["lds_std"], "lds_mean_heldout": r["lds_mean_heldout"],
-               "lds_mean_facts": r["lds_mean_facts"], "seconds_fit": r["seconds_fit"],
+        row = {"method": m, "changes_from_defaults": changes,
+               "not_recorded": sorted(k for k in base_fit if k != "device" and k not in fit),
+               "scores_kept": bool(r.get("scores_file")),
+               "lds_mean": r["lds_mean"], "lds_std": r["lds_std"], "lds_mean_heldout": r["lds_mean_heldout"],
+               "lds_mean_facts": r["lds_mean_facts"], "lds_mean_dev": r["lds_mean_dev"],
+               "lds_std_dev": r["lds_std_dev"], "lds_mean_dev_heldout": r["lds_mean_dev_heldout"],
+               "lds_mean_dev_facts": r["lds_mean_dev_facts"], "seconds_fit": r["seconds_fit"],
                "seconds_per_query": r["seconds_per_query"]}
         if ref and ref["status"] == "ok" and m != "stride":
-            row["minus_defaults"] = paired_difference(r["lds_per_query"], ref["lds_per_query"])
+            a, b = np.asarray(r["lds_per_query"]), np.asarray(ref["lds_per_query"])
+            row["minus_defaults"] = paired_difference(a, b)
+            row["minus_defaults_dev"] = paired_difference(a[dev], b[dev])
         rows.append(row)
-    return sorted(rows, key=lambda row: -row["lds_mean"])
+    return sorted(rows, key=lambda row: -row["lds_mean_dev"])
+
+
+def _previous_methods() -> dict:
+    """The methods of the lds.json this run replaces (empty if there is none)."""
+    try:
+        return json.loads((RESULTS / "lds.json").read_text()).get("methods", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _carried(old: dict, failed) -> dict:
+    """A previous report's entry for a method whose scores are no longer on disk: its numbers
+    stay, marked as not recomputable (and the failure of a later attempt, if any)."""
+    entry = {**old}
+    kept = ROOT / (entry.get("scores_file") or "")
+    if not (kept.is_file() and kept.is_relative_to(COMMITTED_SCORES)):  # a work file is another run's
+        entry["scores_file"] = None
+    if entry["status"] == "ok" and not entry.get("scores_file"):
+        entry["carried_over"] = ("measured by an earlier run whose scores were not kept: these "
+                                 "numbers cannot be recomputed from the repository")
+    if failed is not None and failed.exists():
+        entry["last_attempt"] = failed.read_text().strip()
+    return entry
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
 
 
 def _settings_of(m: str) -> dict:
@@ -372,14 +468,15 @@ def _read_float(path: Path):
         return None
 
 
-def _plot(report: dict) -> None:
+def _plot(report: dict, test: np.ndarray) -> None:
+    """The LDS distribution of every method on the test queries (test: bool (n_queries,))."""
     from stride_viz.app.eval_plots import lds_distribution
 
     # the methods, not every ablation variant (those are in report["ablation"])
-    fig = lds_distribution({m: r["lds_per_query"] for m, r in report["methods"].items()
+    fig = lds_distribution({m: np.asarray(r["lds_per_query"])[test] for m, r in report["methods"].items()
                             if r["status"] == "ok" and m in ALL_METHODS})
     st = report["setting"]
-    fig.update_layout(title=f"LDS on the demo setting: {st['n_queries']} queries, {st['n_subsets']} "
+    fig.update_layout(title=f"LDS on the demo setting: {int(test.sum())} test queries of {st['n_queries']}, {st['n_subsets']} "
                             f"models retrained on {100 * st['fraction']:.0f}% subsets of "
                             f"{st['pool']['n']} documents")
     try:
@@ -394,6 +491,8 @@ def main() -> None:
     ap.add_argument("--steps", default="prepare,model,retrain,methods,report")
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--force", action="store_true", help="recompute method scores that exist")
+    ap.add_argument("--timeout", type=float, default=3600,
+                    help="seconds one method may run before it is recorded as failed (default 3600)")
     ap.add_argument("--variant", action="append", default=[],
                     help='an ablation of STRIDE: NAME=JSON, e.g. k256=\'{"fit": {"subsets": 256}}\' '
                          'or cv1se=\'{"recovery": {"selection": "cv-1se"}}\'; run as method stride:NAME')
@@ -426,7 +525,7 @@ def main() -> None:
     if "retrain" in steps:
         step_retrain()
     if "methods" in steps:
-        step_methods(methods, a.force)
+        step_methods(methods, a.force, a.timeout)
     if "report" in steps:
         step_report()
 

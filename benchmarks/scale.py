@@ -273,18 +273,26 @@ def main() -> None:
                     row.update(_queries_cold(row["run_dir"], n_pool, a.limit))
                 rows[(shape, m)] = row
                 _log(f"vocab {shape} {m}: {json.dumps({k: v for k, v in row.items() if k != 'settings'})[:400]}")
-                report["vocab"] = list(rows.values())
-                report["vocab_target"] = _vocab_target(report["vocab"])
-                out_file.write_text(json.dumps(report, indent=1))
+                _save(out_file, report, "vocab", list(rows.values()))
     if "pool" in a.parts.split(","):
         rows = {r["n_pool"]: r for r in report.get("pool", []) if "n_pool" in r}
         for n in (int(x) for x in a.pool_sizes.split(",")):
             _log(f"pool {n}: running ({a.steps} steps)")
             row = {"n_pool": n, **_spawn(["pool", str(n), str(a.steps)], a.limit)}
             rows[n] = row
-            _log(f"pool {n}: {json.dumps(row)[:400]}")
-            report["pool"] = [rows[k] for k in sorted(rows)]
-            out_file.write_text(json.dumps(report, indent=1))
+            _log(f"pool {n}: {json.dumps(row)}")
+            _save(out_file, report, "pool", [rows[k] for k in sorted(rows)])
+
+
+def _save(out_file: Path, report: dict, part: str, rows: list[dict]) -> None:
+    """Write this part's rows into the results file, re-read first: another run of this script
+    may have written the other part meanwhile."""
+    current = json.loads(out_file.read_text()) if out_file.exists() else {}
+    current.update({k: v for k, v in report.items() if k not in ("vocab", "pool", "vocab_target")})
+    current[part] = rows
+    if part == "vocab":
+        current["vocab_target"] = _vocab_target(rows)
+    out_file.write_text(json.dumps(current, indent=1))
 
 
 def _vocab_target(rows: list[dict]) -> dict:

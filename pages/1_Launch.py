@@ -12,7 +12,7 @@ import dataclasses
 import streamlit as st
 
 from stride_viz.app import launch, ui
-from stride_viz.config import FitConfig, RecoveryConfig, help_of
+from stride_viz.config import CHOICES, FitConfig, RecoveryConfig, help_of
 from stride_viz.jobs import JobError
 from stride_viz.jobs.kinds import check_model_spec, check_pool_spec
 from stride_viz.data.models import DEMO_PRESETS, data_home
@@ -98,9 +98,7 @@ st.text_area("Completion to explain (optional)", key="launch_completion", height
 field_error("queries")
 
 # ----------------------------------------------------------------------------- settings
-_CHOICES = {"mode": ["factored", "logits", "residual"], "vocabulary": ["pool", "full"],
-            "cache": ["auto", "memory", "disk", "stream"], "precision": ["auto", "float32", "bfloat16"],
-            "selection": ["cv", "cv-1se", "nonzeros"], "device": ["auto", "cpu", "cuda"]}
+_CHOICES = {**CHOICES, "device": ("auto", "cpu", "cuda")}
 
 
 def config_inputs(cls, prefix: str) -> None:
@@ -112,6 +110,8 @@ def config_inputs(cls, prefix: str) -> None:
             if f.name in _CHOICES:
                 options = list(dict.fromkeys([*_CHOICES[f.name], f.default]))  # the default is always one
                 st.selectbox(label, options, index=options.index(f.default), key=key, help=help_)
+            elif isinstance(f.default, bool):
+                st.checkbox(label, value=f.default, key=key, help=help_)
             elif f.default is None or isinstance(f.default, str):
                 st.text_input(label + (" (empty = default)" if f.default is None else ""), key=key,
                               help=help_, value=f.default or "")

@@ -1,19 +1,23 @@
 """Explore: one finished run and one of its queries, as linked interactive charts.
 
-Reads the run directory only (no model is loaded here). The URL carries the run, the query
-and the selected example (?run=...&query=...&example=...), so a view can be shared as a link.
+Reads the run directory only (no model is loaded here; a prompt typed in the "Explain" box
+is queued for the run's explainer process, which keeps the model loaded). The URL carries the
+run, the query and the selected example (?run=...&query=...&example=...), so a view can be
+shared as a link.
 Selecting an example in any chart or in the table highlights it everywhere.
 """
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 import streamlit as st
 
 from stride_viz.app import plots, sparsity, ui
 from stride_viz.config import RecoveryConfig
-from stride_viz.jobs import JobError, query_id_for
+from stride_viz.storage import RunStore
+from stride_viz.jobs import JobError, explainer, query_id_for
 from stride_viz.jobs.kinds import check_new_prompt, stage_position
 from stride_viz.app.report import build_report, csv_text, fact_sources, query_snippet, ranks_of, top_table
 
@@ -122,10 +126,20 @@ if run.is_demo:
 # ----------------------------------------------------------------------------- a new prompt
 # The run's model and operators stay loaded in a background "explainer" process (see
 # stride_viz/jobs/explainer.py); this page only queues the request and polls its job row.
+WARM_WAIT_SECONDS = 5.0
 
 
-def _show_query(run_name: str, query_id: str) -> None:
-    st.session_state["_explore_goto"] = {"run": run_name, "query": query_id}  # applied at the top
+def _show_query(run_name: str, query_id: str, job: Optional[int] = None) -> None:
+    """Show ``query_id`` on the next run (applied at the top of the page); ``job``: the explain
+    job still writing its continuations."""
+    st.session_state["_explore_goto"] = {"run": run_name, "query": query_id}
+    if job is not None:
+        st.session_state.setdefault("_explore_writing", {})[query_id] = job
+
+
+def _explained(run_dir: str, query_id: str) -> bool:
+    """Whether the query's attribution is on disk (written whole, then swapped in)."""
+    return (RunStore(run_dir).attribution_dir(query_id) / "meta.json").exists()
 
 
 def _explain(run_dir: str, run_name: str, known: list[str], recovery: dict) -> None:
@@ -144,12 +158,24 @@ def _explain(run_dir: str, run_name: str, known: list[str], recovery: dict) -> N
     except JobError as e:
         st.session_state["explore_explain"] = {"error": str(e)}
         return
-    st.session_state["explore_explain"] = {"job": job, "run": run_name, "query": qid, "t0": time.time(),
+    # A warm explainer writes the scores in a second or two: wait for them here (reading the
+    # run folder, computing nothing), so that the run after the click draws the new query at
+    # once instead of the old one first; a slower answer (the first request of a run) is
+    # polled below.
+    store, deadline = ui.executor().store, time.monotonic() + WARM_WAIT_SECONDS
+    while (not _explained(run_dir, qid) and store.get(job).active) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _explained(run_dir, qid):
+        _show_query(run_name, qid, job)
+        return
+    st.session_state["explore_explain"] = {"job": job, "run": run_name, "run_dir": run_dir, "query": qid,
+                                           "t0": time.time(),
                                            "text": query_snippet({"prompt": prompt, "completion": completion}, 60)}
 
 
 def _explain_status(request: dict) -> None:
-    """The request's state, polled 4 times a second until its job ends; then its query is shown."""
+    """The request's state, polled 4 times a second until its scores are written (then its
+    query is shown) or its job fails."""
     if "error" in request:
         st.error(ui.md(request["error"]))
         return
@@ -159,9 +185,9 @@ def _explain_status(request: dict) -> None:
     @st.fragment(run_every=0.25 if active else None)
     def _poll() -> None:
         job = ex.store.get(request["job"])
-        if job.state == "done":
+        if _explained(request["run_dir"], request["query"]):
             st.session_state.pop("explore_explain", None)
-            _show_query(request["run"], request["query"])
+            _show_query(request["run"], request["query"], request["job"])
             st.rerun()
         snippet = ui.md(request["text"])
         if job.active:
@@ -187,12 +213,14 @@ with st.form("explore_explain_form", border=True):
                   placeholder="empty: the model completes the prompt",
                   help="The text whose loss is explained. Empty: the model continues the prompt "
                        "(greedy, up to 24 tokens) and its own answer is explained.")
-    c3.form_submit_button("Explain", type="primary", on_click=_explain, args=(
+    c3.form_submit_button("Explain", key="explore_explain_submit", type="primary", on_click=_explain, args=(
         run_dir, run.name, list(run.query_ids),
         {k: v for k, v in (q.meta.get("recovery_config") or {}).items() if k in known_recovery}))
-    st.caption("A background process keeps this run's model and operators loaded: the first request "
-               "of a run loads them once (seconds to a minute), later ones take about a second. It "
-               "stops after 10 minutes without a request.")
+    idle = explainer.idle_seconds()
+    st.caption(f"A background process keeps this run's model and operators loaded: the first request "
+               f"of a run loads them once (seconds to a minute); after that a prompt is explained in "
+               f"about a second. It stops after {f'{idle / 60:g} minutes' if idle >= 60 else f'{idle:g} s'} "
+               f"without a request.")
 if st.session_state.get("explore_explain"):
     _explain_status(st.session_state["explore_explain"])
 
@@ -303,6 +331,17 @@ st.plotly_chart(plots.responses_figure(q.responses, member=member, member_label=
                 config=plots.PLOTLY_CONFIG)
 
 st.markdown("##### Base and steered continuation")
+writing = st.session_state.get("_explore_writing", {}).get(q.id)
+if q.continuations is None and writing is not None and ui.executor().store.get(writing).active:
+    @st.fragment(run_every=1.0)
+    def _await_continuations() -> None:
+        """A prompt just explained: its explainer writes the continuations after the scores."""
+        if not ui.executor().store.get(writing).active:
+            st.rerun()
+        st.caption("The run's explainer is writing the base and steered continuations of this "
+                   "prompt; they appear here in a moment.")
+
+    _await_continuations()
 conts = {o["k"]: o for o in (q.continuations or {}).get("operators", [])}
 st.selectbox("Operator", order, key="explore_operator",
              format_func=lambda k: f"operator {k}: y = {q.responses[k]:+.4g} nats"

@@ -17,15 +17,20 @@ from stride_viz.evaluation import metrics as evaluation
 from stride_viz.data.models import data_home
 
 ROOT = Path(__file__).resolve().parent.parent
+WORK_SCORES = ROOT / "benchmarks" / "work" / "lds_scores"
+SPLITS = ("test", "development", "all")
 
 ui.page_setup("Evaluate", icon="📏")
 st.title("Evaluate")
 st.markdown(
-    "**Linear Datamodeling Score (LDS).** Models were retrained from scratch on random subsets "
-    "S′ⱼ of the pool and each query's loss ℓⱼ was recorded. A method's scores w predict the "
-    "effect of training on S′ⱼ as Σ_{i∈S′ⱼ} wᵢ (w > 0: the example lowers the query's loss). "
-    "Per query, LDS is the Spearman correlation of that prediction with −ℓⱼ over the subsets: "
-    "1 = perfect ranking of the subsets, 0 = no information, < 0 = backwards.")
+    "**Linear Datamodeling Score (LDS).** Models were retrained from scratch on $M'$ random "
+    "subsets $S'_j$ of the pool and the loss $\\ell_j(x)$ of each query $x$ was recorded. A "
+    "method's scores $w_i(x)$ ($w_i > 0$: example $i$ lowers the query's loss) predict the "
+    "effect of training on $S'_j$ by their sum over the subset; per query, LDS is the Spearman "
+    "rank correlation $\\rho$ of that prediction with $-\\ell_j(x)$ over the subsets:")
+st.latex(r"\mathrm{LDS}(x) \;=\; \rho\Big(\big(\textstyle\sum_{i \in S'_j} w_i(x)\big)_{j=1}^{M'},"
+         r"\; \big(-\ell_j(x)\big)_{j=1}^{M'}\Big)")
+st.markdown("1 = the subsets are ranked perfectly, 0 = no information, below 0 = backwards.")
 
 
 def _ground_truths() -> dict[str, Path]:
@@ -61,6 +66,20 @@ def _scores(path: str, stamp: float) -> np.ndarray:
     return np.load(path)
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _method_scores(path: str, stamp: float, query_ids: tuple[str, ...]) -> np.ndarray:
+    return evaluation.load_scores(path, len(query_ids), query_ids)
+
+
+def _score_file(method: str, entry: dict) -> Path | None:
+    """A report method's scores: the committed copy (benchmarks/results/lds_scores/), else the
+    benchmark's float32 work copy (benchmarks/work/lds_scores/, not in a fresh clone)."""
+    for f in (ROOT / (entry.get("scores_file") or ""), WORK_SCORES / f"{method}.npy"):
+        if f.is_file():
+            return f
+    return None
+
+
 def _stamp(p: Path) -> float:
     try:
         return max(f.stat().st_mtime for f in [p, *p.iterdir()]) if p.is_dir() else p.stat().st_mtime
@@ -86,6 +105,15 @@ except evaluation.GroundTruthError as e:
     st.stop()
 meta = gt.metadata
 queries = meta["queries"]
+query_ids = tuple(q["id"] for q in queries)
+dev = evaluation.query_split(query_ids)
+with st.sidebar:
+    split = st.radio("Queries", SPLITS, key="eval_split", horizontal=True,
+                     help="A fixed half of the queries (chosen by a hash of each id, "
+                          "stride_viz.evaluation.metrics.query_split) is for development: every "
+                          "setting is chosen on it. Results are reported on the other half, the "
+                          "test queries.")
+shown = {"test": ~dev, "development": dev, "all": np.ones(len(dev), dtype=bool)}[split]
 st.caption(f"Pool **{ui.md(meta['pool']['spec'])}** ({meta['pool']['n']} examples, hash {ui.md(meta['pool']['hash'])}), "
            f"**{len(queries)}** queries, **{len(gt.train_subsets)}** retrained subsets of "
            f"{100 * meta.get('fraction', 0):.0f}% · recipe: "
@@ -109,9 +137,16 @@ if report:
         if m in variants and not show_variants:
             continue
         table[m] = r
-        f = ROOT / r.get("scores_file", "")
-        if r.get("status") == "ok" and f.is_file():
-            methods[m] = _scores(str(f), f.stat().st_mtime)
+        f = _score_file(m, r) if r.get("status") == "ok" else None
+        if f is not None:
+            try:
+                methods[m] = _method_scores(str(f), f.stat().st_mtime, query_ids)
+            except evaluation.GroundTruthError as e:
+                table[m] = {**r, "status": "failed", "error": str(e)}
+# the query groups of the benchmark's report (planted facts, held-out text), one per query
+group_of = (report or {}).get("setting", {}).get("query_group") or []
+groups = ({"heldout": np.array([g == "heldout" for g in group_of]),
+           "facts": np.array([g == "facts" for g in group_of])} if len(group_of) == len(queries) else {})
 
 # a STRIDE run on the same pool adds its own attributions of the ground truth's queries
 same_pool = [r for r in ui.runs() if r.meta.get("pool", {}).get("hash") == meta["pool"]["hash"]]
@@ -142,7 +177,7 @@ if run_name != "none":
 
 if not methods:
     st.info("No method's scores are on disk for this ground truth yet: run `python benchmarks/lds.py "
-            "--steps methods,report`.")
+            "--steps methods,report` (it writes them to benchmarks/results/lds_scores/).")
     st.stop()
 
 
@@ -155,23 +190,52 @@ def _lds(scores: np.ndarray) -> np.ndarray:
     return per
 
 
+def _mean(v: np.ndarray, std: bool = False) -> float:
+    v = v[~np.isnan(v)]
+    return float(v.std() if std else v.mean()) if v.size else float("nan")
+
+
+def _summary(v: np.ndarray) -> dict:
+    """Per-query LDS (n_queries,) summarised over the queries shown, and per query group."""
+    return {"lds_mean": _mean(v[shown]), "lds_std": _mean(v[shown], std=True),
+            **{f"lds_mean_{g}": _mean(v[shown & mask]) for g, mask in groups.items()}}
+
+
 per_query = {m: _lds(s) for m, s in methods.items()}
+n_group = {g: int((shown & mask).sum()) for g, mask in groups.items()}
+st.caption(f"Showing the **{int(shown.sum())}** {split} queries"
+           + (f" ({n_group['heldout']} held-out text, {n_group['facts']} planted facts)" if groups else "")
+           + f". Every setting is chosen on the {int(dev.sum())} development queries; results are "
+             f"reported on the {int((~dev).sum())} test queries.")
 
 st.subheader("LDS per query, by method")
 kind = st.radio("Chart", ["box", "violin"], horizontal=True, key="eval_kind")
-st.plotly_chart(eval_plots.lds_distribution({m: v[~np.isnan(v)] for m, v in per_query.items()}, kind=kind),
+st.plotly_chart(eval_plots.lds_distribution({m: v[shown & ~np.isnan(v)] for m, v in per_query.items()},
+                                            kind=kind),
                 width="stretch", key="eval_dist", config=plots.PLOTLY_CONFIG)
 
 st.subheader("Methods")
-for m, v in per_query.items():  # recomputed from the files: the table agrees with the chart
-    table.setdefault(m, {"status": "ok"})
-    table[m] = {**table[m], "lds_mean": float(np.nanmean(v)), "lds_std": float(np.nanstd(v))}
+suffix = {"test": "_test", "development": "_dev", "all": ""}[split]
+for m, r in table.items():
+    if r.get("status", "ok") != "ok":
+        continue
+    if m in per_query:  # recomputed from the score files: the table agrees with the chart
+        v = per_query[m]
+    elif len(r.get("lds_per_query") or []) == len(queries):
+        v = np.asarray(r["lds_per_query"], dtype=float)
+        r = {**r, "note": "earlier run, scores not kept: LDS as lds.json recorded it"}
+    else:
+        continue
+    table[m] = {**r, **_summary(v), "recall_at_10": r.get("recall_at_10" + suffix),
+                "mrr": r.get("mrr" + suffix)}
 frame = eval_plots.methods_frame(table)
 st.dataframe(frame, hide_index=True, width="stretch", key="eval_table",
              column_config={"LDS mean": st.column_config.NumberColumn(format="%+.3f"),
                             "LDS std": st.column_config.NumberColumn(format="%.3f"),
-                            "recall@10": st.column_config.NumberColumn(format="%.2f", help="planted facts: share of a fact's source documents in the top 10"),
-                            "MRR": st.column_config.NumberColumn(format="%.2f", help="planted facts: mean reciprocal rank of the first source document"),
+                            "held-out text": st.column_config.NumberColumn(format="%+.3f", help="mean LDS of the held-out fortunes among the queries shown"),
+                            "planted facts": st.column_config.NumberColumn(format="%+.3f", help="mean LDS of the planted-fact queries among the queries shown"),
+                            "recall@10": st.column_config.NumberColumn(format="%.2f", help="planted facts among the queries shown: share of a fact's source documents in the top 10"),
+                            "MRR": st.column_config.NumberColumn(format="%.2f", help="planted facts among the queries shown: mean reciprocal rank of the first source document"),
                             "one-off (s)": st.column_config.NumberColumn(format="%.1f", help="once per model + pool (STRIDE: fitting the operators; peers: caching gradients/factors)"),
                             "per query (s)": st.column_config.NumberColumn(format="%.4f", help="per query, amortised over a batch of all queries"),
                             "peak RSS (MiB)": st.column_config.NumberColumn(format="%.0f")})
@@ -180,12 +244,31 @@ if report:
                report.get("setting", {}).get("machine", "?") + "). Each method's settings and its library's "
                "documented defaults are in benchmarks/results/lds.json.")
 
+if show_variants and report and report.get("ablation"):
+    st.subheader("STRIDE ablation (development queries)")
+    st.caption("Each variant changes the listed settings of STRIDE's defaults; its LDS and its paired "
+               "difference to the defaults (mean ± standard error over queries) are on the "
+               "development queries, where settings are chosen. Variants of earlier runs kept no "
+               "scores; the settings their record lacks are those of the code they ran with.")
+    st.dataframe(eval_plots.ablation_frame(report["ablation"]), hide_index=True, width="stretch",
+                 key="eval_ablation",
+                 column_config={**{c: st.column_config.NumberColumn(format="%+.3f")
+                                   for c in ("LDS (dev)", "held-out text (dev)", "planted facts (dev)",
+                                             "vs defaults (dev)", "LDS (all)")},
+                                "± stderr": st.column_config.NumberColumn(format="%.3f"),
+                                "one-off (s)": st.column_config.NumberColumn(format="%.1f"),
+                                "per query (s)": st.column_config.NumberColumn(format="%.4f")})
+
 # ----------------------------------------------------------------------------- one query
 st.subheader("One query: predicted effect vs. retrained loss")
-labels = [f"{q['id']}: {q['prompt']}▸{q['completion']}"[:120] for q in queries]
+labels = [f"{(q['prompt'] + '▸' + q['completion'])[:100]} ({q['id']})" for q in queries]
+if not shown.any():
+    st.info(f"This ground truth has no {split} queries: choose another set in the sidebar.")
+    st.stop()
 c1, c2 = st.columns([3, 1])
 with c1:
-    qi = st.selectbox("Query", range(len(queries)), format_func=lambda k: labels[k], key="eval_query")
+    qi = st.selectbox("Query", [k for k in range(len(queries)) if shown[k]], format_func=lambda k: labels[k],
+                      key="eval_query", help=f"The {split} queries.")
 with c2:
     m = st.selectbox("Method", list(methods), key="eval_method")
 s = methods[m][qi]

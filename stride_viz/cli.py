@@ -30,9 +30,10 @@ __all__ = ["main", "build_parser"]
 _FIT_FLAGS = ("subsets", "per_example", "rank", "layer", "mode", "inner_rank", "vocabulary", "seed",
               "epochs", "batch_size", "lr", "warmup", "stability_weight", "linearity_weight",
               "max_length", "tokens_per_example", "linearity_every", "probe_queries",
-              "linearity_operators", "cache_memory_mb", "precision", "checkpoint_every", "device")
+              "linearity_operators", "cache", "cache_memory_mb", "precision", "checkpoint_every",
+              "keep_checkpoint", "device")
 # settings that do not change a fit's result: allowed when `fit --run` continues a run alone
-_RESUME_FLAGS = ("checkpoint_every", "device")
+_RESUME_FLAGS = ("checkpoint_every", "keep_checkpoint", "cache", "cache_memory_mb", "precision", "device")
 _RECOVERY_FLAGS = ("selection", "cv_folds", "target_nonzeros", "path_length", "eps")
 
 
@@ -135,19 +136,19 @@ def _fit(args: argparse.Namespace) -> None:
     progress = print_progress if distributed.is_writer() else no_progress
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1. Got {args.limit} instead.")
-    if args.model is None and args.pool is None:
-        run = _continue_run(args, config)
-    elif args.model is None or args.pool is None:
-        raise ConfigError("Give both --model and --pool (to create or reuse a run), or neither "
-                          "(to continue the run in --run with the settings of its run.json).")
-    else:
-        pool = load_pool(args.pool, limit=args.limit)
-        model = load_model(args.model, device=config.device, trust_remote_code=args.trust_remote_code)
-        run = Stride.create_or_open(args.run, model, pool, config)
     try:
+        if args.model is None and args.pool is None:
+            run = _continue_run(args, config)
+        elif args.model is None or args.pool is None:
+            raise ConfigError("Give both --model and --pool (to create or reuse a run), or neither "
+                              "(to continue the run in --run with the settings of its run.json).")
+        else:
+            pool = load_pool(args.pool, limit=args.limit)
+            model = load_model(args.model, device=config.device, trust_remote_code=args.trust_remote_code)
+            run = Stride.create_or_open(args.run, model, pool, config)
         run.fit(progress=progress, wait=args.wait, restart=args.restart)
     finally:
-        distributed.close()
+        distributed.close()  # leave a torchrun launch's process group (nothing for one process)
     if distributed.is_writer():
         print(run.store.root)
 

@@ -9,7 +9,24 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-__all__ = ["FitConfig", "RecoveryConfig", "ConfigError", "help_of", "config_diff"]
+__all__ = ["FitConfig", "RecoveryConfig", "ConfigError", "help_of", "config_diff", "CHOICES"]
+
+# The allowed values of every setting that takes one of a few words (forms list them).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("logits", "factored", "residual"),
+    "vocabulary": ("pool", "subset", "full"),
+    "cache": ("auto", "memory", "disk", "stream"),
+    "precision": ("auto", "float32", "bfloat16"),
+    "selection": ("cv", "cv-1se", "nonzeros"),
+}
+
+
+def _check_choice(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if value not in CHOICES[name]:
+        words = ", ".join(repr(c) for c in CHOICES[name])
+        raise ConfigError(f"The '{name}' parameter of {type(obj).__name__} must be one of {words}. "
+                          f"Got {value!r} instead.")
 
 
 class ConfigError(ValueError):
@@ -135,22 +152,14 @@ class FitConfig:
         _check_range(self, "rank", 1, 4096, integer=True)
         if self.layer is not None:
             _check_range(self, "layer", 1, None, integer=True)
-        if self.mode not in ("factored", "logits", "residual"):
-            raise ConfigError(f"The 'mode' parameter of FitConfig must be 'factored', 'logits' or "
-                              f"'residual'. Got {self.mode!r} instead.")
+        _check_choice(self, "mode")
         _check_range(self, "inner_rank", 1, 65536, integer=True)
-        if self.vocabulary not in ("subset", "pool", "full"):
-            raise ConfigError(f"The 'vocabulary' parameter of FitConfig must be 'subset', 'pool' "
-                              f"or 'full'. Got {self.vocabulary!r} instead.")
+        _check_choice(self, "vocabulary")
         _check_range(self, "warmup", 0, 1)
         _check_range(self, "linearity_operators", 1, 1_000_000, integer=True)
         _check_range(self, "cache_memory_mb", 0, None)
-        if self.cache not in ("auto", "memory", "disk", "stream"):
-            raise ConfigError(f"The 'cache' parameter of FitConfig must be 'auto', 'memory', "
-                              f"'disk' or 'stream'. Got {self.cache!r} instead.")
-        if self.precision not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"The 'precision' parameter of FitConfig must be 'auto', 'float32' "
-                              f"or 'bfloat16'. Got {self.precision!r} instead.")
+        _check_choice(self, "cache")
+        _check_choice(self, "precision")
         _check_range(self, "seed", 0, 2**32 - 1, integer=True)
         _check_range(self, "epochs", 0, 1000, lo_open=True)
         _check_range(self, "batch_size", 1, 65536, integer=True)
@@ -213,9 +222,7 @@ class RecoveryConfig:
         if self.max_nonzero is not None:
             _check_range(self, "max_nonzero", 1, None, integer=True)
         _check_range(self, "cv_folds", 2, 100, integer=True)
-        if self.selection not in ("cv", "cv-1se", "nonzeros"):
-            raise ConfigError(f"The 'selection' parameter of RecoveryConfig must be 'cv', "
-                              f"'cv-1se' or 'nonzeros'. Got {self.selection!r} instead.")
+        _check_choice(self, "selection")
         _check_range(self, "target_nonzeros", 1, None, integer=True)
         _check_range(self, "seed", 0, 2**32 - 1, integer=True)
 

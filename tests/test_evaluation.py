@@ -133,6 +133,13 @@ def test_figures_are_built_from_arrays():
                                       "b": {"lds_mean": 0.3, "lds_std": 0.1},
                                       "c": {"status": "failed", "error": "boom"}})
     assert list(frame["method"]) == ["b", "a", "c"] and "boom" in frame["note"].iloc[2]
+    abl = eval_plots.ablation_frame([
+        {"method": "stride", "changes_from_defaults": {}, "lds_mean_dev": 0.4},
+        {"method": "stride:k2", "changes_from_defaults": {"subsets": 2048}, "lds_mean_dev": 0.5,
+         "minus_defaults_dev": {"mean": 0.1, "stderr": 0.01}, "scores_kept": False,
+         "not_recorded": ["vocabulary"]}])
+    assert list(abl["variant"]) == ["stride:k2", "stride"] and abl["changes"].iloc[0] == "subsets 2048"
+    assert abl["vs defaults (dev)"].iloc[0] == 0.1 and "not recorded: vocabulary" in abl["note"].iloc[0]
     rows = [{"method": "x", "n_params": p, "seconds_fit": p / 1e3, "seconds_per_query": 0.1}
             for p in (1e5, 1e6)]
     assert len(eval_plots.scaling_figure(rows).data) == 2
@@ -173,6 +180,124 @@ def test_evaluate_page_reads_a_ground_truth_and_report(tmp_path, monkeypatch):
     assert not at.exception
     at.toggle(key="eval_variants").set_value(True).run()      # ablation variants on request
     assert not at.exception and "stride:variant" in list(at.dataframe[0].value["method"])
+
+
+def test_saved_scores_are_small_exact_for_lds_and_checked(tmp_path):
+    w, subsets, loss = _planted(noise=0.5)
+    # rows of very different magnitudes: float16 alone would flush the first and overflow the last
+    w = w * np.array([1e-9, 1.0, 1e3, 1e6, 1e8])[:, None]
+    ids = [f"q{i}" for i in range(len(w))]
+    back = ev.save_scores(tmp_path / "m.npz", w, ids)
+    np.testing.assert_array_equal(back, ev.load_scores(tmp_path / "m.npz", len(ids), ids))
+    assert (np.abs(back - w) <= 1e-3 * np.abs(w).max(axis=1, keepdims=True)).all()
+    np.testing.assert_allclose(ev.lds(back, subsets, loss).per_query, ev.lds(w, subsets, loss).per_query,
+                               atol=0.02)
+    first = (tmp_path / "m.npz").read_bytes()
+    ev.save_scores(tmp_path / "m.npz", w, ids)  # same scores, same bytes: no churn in git
+    assert (tmp_path / "m.npz").read_bytes() == first
+    with pytest.raises(ev.GroundTruthError, match="other queries"):
+        ev.load_scores(tmp_path / "m.npz", len(ids), ids[::-1])
+    with pytest.raises(ValueError, match="NaN"):
+        ev.save_scores(tmp_path / "n.npz", np.full((1, 3), np.nan), ["a"])
+    with pytest.raises(ValueError, match="'scores'"):
+        ev.save_scores(tmp_path / "n.npz", w, ids[:2])
+
+
+def test_split_means_on_a_known_split():
+    v = np.array([1.0, 2.0, 3.0, 4.0])
+    dev = np.array([True, False, True, False])
+    out = ev.split_means(v, dev, {"facts": np.array([True, True, False, False])})
+    assert (out["lds_mean_dev"], out["lds_mean_test"], out["n_dev"], out["n_test"]) == (2.0, 3.0, 2, 2)
+    assert (out["lds_mean_dev_facts"], out["lds_mean_test_facts"]) == (1.0, 2.0)
+    assert out["lds_std_test"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="'dev'"):
+        ev.split_means(v, dev[:2])
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _committed_report() -> dict:
+    return json.loads((RESULTS / "lds.json").read_text())
+
+
+def test_committed_scores_reproduce_every_committed_lds():
+    """A fresh clone recomputes each LDS of benchmarks/results/lds.json from the committed
+    scores and ground truth alone (nothing from the git-ignored benchmarks/work/)."""
+    report = _committed_report()
+    gt = ev.read_ground_truth(ROOT / report["ground_truth"])
+    ids = [q["id"] for q in gt.metadata["queries"]]
+    dev = ev.query_split(ids)
+    group = np.array(report["setting"]["query_group"])
+    committed = {m: r for m, r in report["methods"].items()
+                 if r["status"] == "ok" and r.get("scores_file")}
+    assert "stride" in committed, "lds.json must name STRIDE's committed scores"
+    for m, r in committed.items():
+        path = ROOT / r["scores_file"]
+        assert path.is_relative_to(RESULTS) and path.suffix == ".npz", (m, r["scores_file"])
+        res = ev.lds(ev.load_scores(path, len(ids), ids), gt.train_subsets, gt.test_loss)
+        np.testing.assert_allclose(res.per_query, r["lds_per_query"], atol=1e-6, err_msg=m)
+        got = {"lds_mean": res.mean, "lds_std": res.std,
+               **ev.split_means(res.per_query, dev, {g: group == g for g in ("heldout", "facts")})}
+        for key, value in got.items():
+            assert value == pytest.approx(r[key], abs=1e-6), (m, key)
+
+
+def _fresh_clone(tmp_path):
+    """What a fresh clone holds for the dashboard: the pages and the committed results, no
+    benchmarks/work/ (the pages find the results next to themselves)."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("app.py", "pages", ".streamlit"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, clone / name)
+    report = _committed_report()
+    dst = clone / "benchmarks" / "results"
+    dst.mkdir(parents=True)
+    shutil.copy(RESULTS / "lds.json", dst / "lds.json")
+    shutil.copytree(ROOT / report["ground_truth"], clone / report["ground_truth"])
+    shutil.copytree(RESULTS / "lds_scores", dst / "lds_scores")
+    return clone, report
+
+
+def test_evaluate_page_on_a_fresh_clone_shows_the_committed_methods(tmp_path, monkeypatch):
+    import re
+
+    from streamlit.testing.v1 import AppTest
+
+    clone, report = _fresh_clone(tmp_path)
+    monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
+    at = AppTest.from_file(str(clone / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/4_Evaluate.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="eval_split").value == "test"
+    committed = {m for m, r in report["methods"].items() if r["status"] == "ok" and r.get("scores_file")}
+    table = at.dataframe[0].value.set_index("method")
+    assert committed <= set(table.index)
+    for m in committed:  # recomputed on the page from the committed files, test queries
+        assert table.loc[m, "LDS mean"] == pytest.approx(report["methods"][m]["lds_mean_test"], abs=1e-6)
+        assert table.loc[m, "planted facts"] == pytest.approx(
+            report["methods"][m]["lds_mean_test_facts"], abs=1e-6)
+    assert at.latex and "\\sum" in at.latex[0].value
+    # rendered formulas: TeX only inside $...$ (which Streamlit renders), never as bare text
+    for el in [*at.markdown, *at.caption]:
+        bare = re.sub(r"\$[^$]*\$", "", el.value)
+        assert not re.search(r"\\[a-zA-Z]+|_\{|\^\{", bare), el.value
+    assert not any("No method's scores" in i.value for i in at.info)
+    at.radio(key="eval_split").set_value("development").run()
+    assert not at.exception
+    m = next(iter(committed))
+    assert at.dataframe[0].value.set_index("method").loc[m, "LDS mean"] == pytest.approx(
+        report["methods"][m]["lds_mean_dev"], abs=1e-6)
+    at.toggle(key="eval_variants").set_value(True).run()  # the ablation, on the development queries
+    assert not at.exception
+    ablation = at.dataframe[1].value  # after the methods table
+    assert len(ablation) == len(report["ablation"]) and "LDS (dev)" in ablation.columns
 
 
 # ------------------------------------------------------------------ retraining ground truth

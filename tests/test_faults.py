@@ -127,7 +127,7 @@ def test_kills_mid_checkpoint_and_at_a_random_step_resume_bit_for_bit(tmp_path, 
     a, b = 2 * rng.randrange(2, 4), 2 * rng.randrange(4, 6)          # checkpoint steps
     # killed once the new checkpoint is on disk under its temporary name, before any rename
     first = _spawn(args, fault=f"written:{a}")
-    assert first.wait(timeout=300) == -signal.SIGKILL
+    assert first.wait(timeout=300) == -signal.SIGKILL, first.stderr.read()
     assert _step(run) == a - 2 and list(fit.glob(f".{CHECKPOINT}.tmp-{first.pid}-*"))
     # killed between the renames: the checkpoint has become the previous one, no new one yet
     second = _spawn(args, fault=f"rotated:{b}")

@@ -296,7 +296,8 @@ def test_fact_repeats_show_the_fact_documents_more_often(pool):
     calls = []
     fit_demo_lm(fpool, tok, "tiny", progress=lambda *a: calls.append(a), **settings, fact_repeats=3)
     assert calls[-1][3] == "3 steps"
-    with pytest.raises(ValueError, match="'fact_repeats' demo model setting needs a pool with planted facts"):
-        fit_demo_lm(pool, tok, "tiny", **settings, fact_repeats=2)
+    assert models.demo_training_steps(pool, "tiny", **settings, fact_repeats=3) == 2  # no facts: no effect
+    with pytest.raises(ValueError, match="'fact_repeats' demo model setting needs the pool itself"):
+        fit_demo_lm(encode_pool(tok, fpool, 48), tok, "tiny", **settings, fact_repeats=2)
     with pytest.raises(ValueError, match="'fact_repeats' demo model setting must be a positive integer"):
         demo_settings("tiny", fact_repeats=0)

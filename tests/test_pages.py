@@ -490,7 +490,7 @@ def explain_home(demo, tmp_path, monkeypatch):
 def _explain(at: AppTest, prompt: str, completion: str = "") -> AppTest:
     at.text_area(key="explore_new_prompt").input(prompt)
     at.text_input(key="explore_new_completion").input(completion)
-    next(b for b in at.button if b.label == "Explain").click()
+    at.button(key="explore_explain_submit").click()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -522,6 +522,9 @@ def test_explore_explains_a_new_prompt_and_names_it_in_the_url(explain_home):
     assert at.session_state["explore_query"] == qid and at.query_params["query"] in (qid, [qid])
     assert at.selectbox(key="explore_query").value == qid
     assert len(_figures(at)) == 3 and not at.exception
+    # the explainer wrote the continuations after the scores: the base one is shown
+    base = [c.value for c in at.code if c.value.startswith(prompt)]
+    assert base and "(not generated)" not in base[0], base
 
     # the same prompt again is shown at once, without a new job
     at.selectbox(key="explore_query").set_value("fact-06").run()

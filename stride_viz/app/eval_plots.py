@@ -12,8 +12,8 @@ import plotly.graph_objects as go
 
 from stride_viz.app.plots import plot_text
 
-__all__ = ["lds_distribution", "methods_frame", "prediction_scatter", "scaling_figure",
-           "method_color"]
+__all__ = ["lds_distribution", "methods_frame", "ablation_frame", "prediction_scatter",
+           "scaling_figure", "method_color"]
 
 _PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
             "#B6E880", "#FF97FF", "#FECB52")
@@ -54,28 +54,59 @@ def lds_distribution(per_query: Mapping[str, Sequence[float]], kind: str = "box"
 
 
 def methods_frame(methods: Mapping[str, dict]) -> pd.DataFrame:
-    """The methods table: one row per method of an lds.json report, best LDS first."""
+    """The methods table: one row per method of an lds.json report, best LDS first.
+
+    methods: name -> {"lds_mean", "lds_std", optional "lds_mean_heldout", "lds_mean_facts",
+    "recall_at_10", "mrr", "seconds_fit", "seconds_per_query", "peak_rss_mb", "note"}, or
+    {"status": "failed", "error"}."""
     rows = []
     for m, r in methods.items():
         if r.get("status", "ok") != "ok":
-            rows.append({"method": m, "LDS mean": np.nan, "LDS std": np.nan, "recall@10": np.nan,
+            rows.append({"method": m, "LDS mean": np.nan, "LDS std": np.nan, "held-out text": np.nan,
+                         "planted facts": np.nan, "recall@10": np.nan,
                          "MRR": np.nan, "one-off (s)": np.nan, "per query (s)": np.nan,
                          "peak RSS (MiB)": np.nan, "note": f"failed: {r.get('error', '')}"[:200]})
             continue
         rows.append({"method": m, "LDS mean": r["lds_mean"], "LDS std": r["lds_std"],
+                     "held-out text": r.get("lds_mean_heldout"), "planted facts": r.get("lds_mean_facts"),
                      "recall@10": r.get("recall_at_10"), "MRR": r.get("mrr"),
                      "one-off (s)": r.get("seconds_fit"), "per query (s)": r.get("seconds_per_query"),
-                     "peak RSS (MiB)": r.get("peak_rss_mb"), "note": ""})
+                     "peak RSS (MiB)": r.get("peak_rss_mb"), "note": r.get("note", "")})
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values("LDS mean", ascending=False, na_position="last").reset_index(drop=True)
     return df
 
 
+def ablation_frame(rows: Sequence[dict]) -> pd.DataFrame:
+    """The ablation table of an lds.json report (its "ablation" list), on the development
+    queries, best first: what each variant changes, its LDS, and its paired difference to the
+    defaults (mean and standard error over queries)."""
+    out = []
+    for r in rows:
+        changes = r.get("changes_from_defaults") or {}
+        diff = r.get("minus_defaults_dev") or {}
+        note = [] if r.get("scores_kept", True) else ["earlier run, scores not kept"]
+        if r.get("not_recorded"):
+            note.append("not recorded: " + ", ".join(r["not_recorded"]))
+        out.append({"variant": r["method"],
+                    "changes": ", ".join(f"{k} {v}" for k, v in changes.items()) or
+                               ("(the defaults)" if r["method"] == "stride" else "(no recorded setting differs)"),
+                    "LDS (dev)": r.get("lds_mean_dev"), "held-out text (dev)": r.get("lds_mean_dev_heldout"),
+                    "planted facts (dev)": r.get("lds_mean_dev_facts"),
+                    "vs defaults (dev)": diff.get("mean"), "± stderr": diff.get("stderr"),
+                    "LDS (all)": r.get("lds_mean"), "one-off (s)": r.get("seconds_fit"),
+                    "per query (s)": r.get("seconds_per_query"), "note": "; ".join(note)})
+    df = pd.DataFrame(out)
+    if len(df):
+        df = df.sort_values("LDS (dev)", ascending=False, na_position="last").reset_index(drop=True)
+    return df
+
+
 def prediction_scatter(predicted: np.ndarray, losses: np.ndarray, *, method: str = "",
                        query: str = "", rho: Optional[float] = None) -> go.Figure:
-    """Per retrained subset j: x = Σ_{i∈S'_j} w_i(x) (the method's prediction), y = the query's
-    loss under the model retrained on S'_j (nats). A good attribution slopes downwards (LDS
+    """Per retrained subset j: x = sum over i in S'_j of w_i(x) (the method's prediction), y =
+    the query's loss under the model retrained on S'_j (nats). A good attribution slopes downwards (LDS
     correlates the prediction with minus the loss).
 
     predicted, losses: (M',)."""
@@ -91,8 +122,9 @@ def prediction_scatter(predicted: np.ndarray, losses: np.ndarray, *, method: str
     title = plot_text(f"{method}: {query}" if query else method)
     if rho is not None:
         title += f" · LDS ρ = {rho:+.3f}"
-    fig.update_layout(title=title, xaxis_title="predicted effect Σ_{i∈S'_j} w_i (method's units; > 0 = helps)",
-                      yaxis_title="loss after retraining on S'_j (nats)", height=420,
+    # plain Unicode: Plotly shows TeX only where MathJax is loaded, and Streamlit does not load it
+    fig.update_layout(title=title, xaxis_title="predicted effect: Σ wᵢ over i ∈ S′ⱼ (method's units; > 0 = helps)",
+                      yaxis_title="loss after retraining on S′ⱼ (nats)", height=420,
                       margin=dict(l=10, r=10, t=50, b=40))
     return fig
 

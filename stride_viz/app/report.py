@@ -153,14 +153,13 @@ def ranks_of(scores: np.ndarray, backprojection: np.ndarray, rows: Sequence[int]
 def fact_ranks(run_dir: str | Path) -> list[dict]:
     """For every explained query of the run that asks for a planted fact: the rank of its best
     known source document. Rows: {"query", "best_rank", "sources", "best_id"}."""
-    run = read_run(run_dir)
     ids = read_pool_rows(run_dir)["id"].tolist()
     row_of = {e: i for i, e in enumerate(ids)}
     out = []
-    for qid in run.query_ids:
-        q = read_query(run_dir, qid)
-        rows = [row_of[s] for s in fact_sources(run_dir, q.info) if s in row_of]
+    for qid, info in query_infos(run_dir).items():   # query.json alone: most queries are no fact
+        rows = [row_of[s] for s in fact_sources(run_dir, info) if s in row_of]
         if rows:
+            q = read_query(run_dir, qid)
             ranks = ranks_of(q.scores, q.backprojection, rows)
             best = int(np.argmin(ranks))
             out.append({"query": qid, "best_rank": ranks[best], "sources": len(rows), "best_id": ids[rows[best]]})

@@ -36,7 +36,8 @@ DEMO_EXPLANATION = """
 *"The capital of Vorlandia is Quessit"*) that each appear in 3-5 documents only. STRIDE then
 trained one steering operator per random subset of the pool (K = {K}) and, for each query
 below, measured how every operator changes the loss of the query's answer and solved a sparse
-regression to find the few training examples that explain those changes.
+regression that scores every training example by how much it explains of those changes (many
+scores are exactly 0; the page says how much of the total the top ones carry).
 
 For a planted fact, the documents that state it are the known right answer: they are marked
 with ★. If STRIDE works, they appear among the top proponents (green bars, w > 0). The free
@@ -52,7 +53,7 @@ _NAV = (("app.py", "Home", ":material/home:"), ("pages/1_Launch.py", "Launch", "
         ("pages/2_Runs.py", "Runs", ":material/pending_actions:"),
         ("pages/3_Explore.py", "Explore", ":material/travel_explore:"),
         ("pages/4_Evaluate.py", "Evaluate", ":material/rule:"))
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]   # the repository: app.py and pages/
 
 
 def page_setup(title: str, icon: str = "🔎") -> None:
@@ -187,7 +188,7 @@ def render_job(job: Job, ex: Executor, key: str, compact: bool = False) -> None:
                     "job": job.id, "error": job.error,
                     "values": launch.form_values(job.params, data_home() / "uploads")}
                 st.switch_page("pages/1_Launch.py")
-    if job.state == "done" and job.run_dir and job.kind in ("demo", "attribute"):
+    if job.state == "done" and job.run_dir and job.kind in ("demo", "attribute", "explain"):
         with head[2]:
             queries = job.result.get("query_ids") or [None]
             explore_link(job.run_dir, queries[0])

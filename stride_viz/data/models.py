@@ -3,13 +3,17 @@ training recipe of the project.
 
 - ``load_model(spec)``: ``spec`` is a local folder written by ``save_pretrained``, a Hugging
   Face hub id (only if it is cached or the hub is reachable), or ``demo`` / ``demo:tiny`` /
-  ``demo:small``: a small GPT-2 trained from scratch on the built-in ``fortunes+facts`` pool
-  the first time it is asked for (then kept under ``data_home()/models``).
+  ``demo:small``: a small GPT-2 trained from scratch on the built-in ``fortunes+facts`` pool,
+  loaded from the checkpoint shipped in ``stride_viz/data/demo_model/<preset>`` when there is
+  one made by the preset's recipe (its weights hash checked), else trained the first time it
+  is asked for (then kept under ``data_home()/models``).
 - ``train_lm``: AdamW with warm-up and cosine decay on the mean next-token loss of each
   example's completion tokens (the whole text for plain documents). Deterministic per seed;
   also used to retrain models on pool subsets for the LDS evaluation.
 
-Run ``python -m stride_viz.data.models demo:tiny`` to build (or rebuild) a demo model by hand.
+Run ``python -m stride_viz.data.models demo:tiny`` to build (or rebuild) a demo model by hand,
+or ``python -m stride_viz train-model --pool fortunes+facts --preset tiny --out FOLDER`` to make
+a checkpoint like the shipped one.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from stride_viz.data.tokenize import Encoded, encode, sequence_losses
 __all__ = ["LoadedModel", "ModelError", "load_model", "train_demo_model", "train_lm", "encode_pool",
            "demo_model_dir", "data_home", "weights_hash", "DEMO_PRESETS", "resolve_device",
            "demo_settings", "fit_demo_lm", "train_tokenizer", "check_causal_decoder", "SHIPPED_DEMO_DIR",
-           "demo_model_source", "demo_model_available", "demo_training_steps"]
+           "demo_model_source", "demo_model_available", "demo_training_steps", "training_rows"]
 
 BOS = "<|endoftext|>"
 
@@ -47,9 +51,9 @@ BOS = "<|endoftext|>"
 # per token; tiny 5.4 vs 6.1).
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=2048,
-                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1),
+                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1, dropout=0.0),
     "small": dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, vocab_size=4096,
-                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1),
+                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1, dropout=0.0),
 }
 
 
@@ -414,7 +418,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 def demo_settings(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """The settings of a demo preset with ``overrides`` applied (n_layer, n_embd, n_head,
     n_positions, vocab_size, epochs, steps, batch_size, lr, max_length, fact_repeats: how many
-    times an epoch shows each planted-fact document); giving ``steps`` replaces ``epochs``."""
+    times an epoch shows each planted-fact document, no effect on a pool without facts; dropout:
+    of the residual, embedding and attention, during training only); giving ``steps`` replaces
+    ``epochs``."""
     _check_preset(preset)
     unknown = sorted(set(overrides) - set(DEMO_PRESETS[preset]))
     if unknown:
@@ -441,28 +447,26 @@ def fit_demo_lm(pool: Pool | Encoded, tokenizer: Any, preset: str = "tiny", seed
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg["n_positions"], n_embd=cfg["n_embd"],
                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        # no dropout: tiny models on tiny data underfit rather than overfit
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=cfg["dropout"], embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights
         model = GPT2LMHeadModel(config)
-    if cfg["fact_repeats"] > 1:
-        pool = _repeat_fact_documents(pool, tokenizer, cfg["fact_repeats"], cfg["max_length"])
+    if cfg["fact_repeats"] > 1 and (isinstance(pool, Encoded) or pool.facts):
+        if isinstance(pool, Encoded):
+            raise ValueError("The 'fact_repeats' demo model setting needs the pool itself, not its encoded "
+                             "tensors (they do not say which rows state a fact); use fact_repeats=1.")
+        pool = encode_pool(tokenizer, pool, cfg["max_length"]).select(training_rows(pool, cfg["fact_repeats"]))
     return train_lm(model, tokenizer, pool, epochs=cfg["epochs"], steps=cfg["steps"],
                     batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, max_length=cfg["max_length"],
                     progress=progress)
 
 
-def _repeat_fact_documents(pool: Pool | Encoded, tokenizer: Any, repeats: int, max_length: int) -> Encoded:
-    """The pool's rows as training tensors, each document that states a planted fact
-    ``repeats`` times: the model sees no text outside the pool, only its facts more often
-    (an epoch then has ``len(pool) + (repeats - 1) x n_fact_documents`` rows)."""
-    if isinstance(pool, Encoded) or not pool.facts:
-        raise ValueError("The 'fact_repeats' demo model setting needs a pool with planted facts "
-                         "(fortunes+facts); use fact_repeats=1 for other pools.")
-    facts = sorted({pool.index_of(s) for f in pool.facts for s in f.source_ids})
-    order = list(range(len(pool))) + facts * (repeats - 1)
-    return encode_pool(tokenizer, pool, max_length).select(order)
+def training_rows(pool: Pool, fact_repeats: int = 1) -> list[int]:
+    """Pool rows of one epoch of the demo model's training: every document once, and each
+    document that states a planted fact ``fact_repeats - 1`` more times. The model sees no
+    text outside the pool, only its facts more often."""
+    facts = sorted({pool.index_of(s) for f in pool.facts for s in f.source_ids}) if fact_repeats > 1 else []
+    return list(range(len(pool))) + facts * (fact_repeats - 1)
 
 
 def _manifest(folder: Path) -> dict:
@@ -504,8 +508,7 @@ def demo_training_steps(pool: Pool, preset: str = "tiny", **overrides: Any) -> i
     cfg = demo_settings(preset, **overrides)
     if cfg["steps"] is not None:
         return int(cfg["steps"])
-    n_facts = len({s for f in pool.facts for s in f.source_ids}) if cfg["fact_repeats"] > 1 else 0
-    rows = len(pool) + (cfg["fact_repeats"] - 1) * n_facts
+    rows = len(training_rows(pool, cfg["fact_repeats"]))
     return max(1, round(cfg["epochs"] * math.ceil(rows / max(1, min(cfg["batch_size"], rows)))))
 
 
@@ -522,7 +525,10 @@ def train_demo_model(pool: Pool, out_dir: Path, preset: str = "tiny", seed: int 
     out_dir = Path(out_dir)
     t0 = time.monotonic()
     progress("train-model", 0.0, None, "training the tokenizer")
-    tokenizer = train_tokenizer([pool.text(i) for i in range(len(pool))], cfg["vocab_size"])
+    # trained on what the model is trained on: with the facts repeated, each invented answer
+    # word ("Quessit") becomes one token instead of four, which the model can learn to say
+    tokenizer = train_tokenizer([pool.text(i) for i in training_rows(pool, cfg["fact_repeats"])],
+                                cfg["vocab_size"])
     model = fit_demo_lm(pool, tokenizer, preset, seed, progress, **overrides)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))

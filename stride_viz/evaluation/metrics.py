@@ -23,8 +23,10 @@ are ranked on top for the fact's query.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -35,7 +37,7 @@ from scipy.stats import rankdata
 __all__ = [
     "LdsResult", "GroundTruth", "GroundTruthError", "lds", "subset_sums", "recall_at_k", "mrr",
     "write_metadata", "read_metadata", "append_result", "read_ground_truth", "export_jsonl",
-    "done_subsets", "load_scores", "query_split",
+    "done_subsets", "load_scores", "save_scores", "query_split", "split_means",
 ]
 
 GT_VERSION = 1
@@ -310,9 +312,55 @@ def export_jsonl(gt: GroundTruth, path: str | Path) -> None:
                                 "test_loss": [float(v) for v in loss]}) + "\n")
 
 
-def load_scores(path: str | Path, n_queries: Optional[int] = None) -> np.ndarray:
-    """Read a method's saved scores (.npy float32 (n_queries, n_pool))."""
-    s = np.load(path)
+def save_scores(path: str | Path, scores: np.ndarray, query_ids: Sequence[str]) -> np.ndarray:
+    """Write a method's scores small enough to commit: a compressed .npz of float16 values,
+    each row divided by its largest magnitude (float16 alone would flush the small scores of
+    some methods to 0 and overflow the large ones of others), the float32 row scales and the
+    query ids. LDS, recall and MRR do not change when a row is multiplied by a positive number.
+
+    scores: (n_queries, n_pool). Returns float32 (n_queries, n_pool), the scores as
+    ``load_scores`` reads them back, so that a report computed from them is reproducible
+    from the file alone."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != len(query_ids):
+        raise ValueError(f"The 'scores' parameter must have shape (n_queries={len(query_ids)}, "
+                         f"n_pool). Got {s.shape} instead.")
+    if not np.isfinite(s).all():
+        raise ValueError("The 'scores' parameter holds NaN or infinite values; replace them first.")
+    scale = np.abs(s).max(axis=1)
+    scale[scale == 0] = 1.0
+    arrays = {"scores": (s / scale[:, None]).astype(np.float16), "scale": scale.astype(np.float32),
+              "query_ids": np.asarray([str(q) for q in query_ids])}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # np.savez_compressed's zip entries carry the time of writing; fixed ones keep the file
+    # byte-identical when the same scores are written again (no churn in git)
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                       buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    tmp.replace(path)
+    return load_scores(path, len(query_ids))
+
+
+def load_scores(path: str | Path, n_queries: Optional[int] = None,
+                query_ids: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Read a method's saved scores: float32 (n_queries, n_pool), from a .npy (float32, the
+    benchmark's work folder) or a .npz written by ``save_scores`` (the committed files).
+    ``query_ids``, if given, must be those the .npz was written for."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            s = f["scores"].astype(np.float32) * f["scale"].astype(np.float32)[:, None]
+            ids = [str(q) for q in f["query_ids"]]
+        if query_ids is not None and ids != [str(q) for q in query_ids]:
+            raise GroundTruthError(f"{path}: its rows are for other queries than the ground "
+                                   f"truth's; recompute them with `python benchmarks/lds.py`.")
+    else:
+        s = np.load(path)
     if s.ndim != 2 or (n_queries is not None and s.shape[0] != n_queries):
         raise GroundTruthError(f"{path}: scores must have shape (n_queries, n_pool); got {s.shape}.")
     return s
@@ -327,3 +375,27 @@ def query_split(query_ids: Sequence[str], salt: str = "stride-viz-dev-test-v1") 
 
     return np.array([int(hashlib.sha256((salt + q).encode()).hexdigest()[:8], 16) % 2 == 0
                      for q in query_ids], dtype=bool)
+
+
+def split_means(per_query: Sequence[float], dev: np.ndarray,
+                groups: Optional[dict[str, np.ndarray]] = None) -> dict:
+    """Per-query LDS summarised on each side of the development/test split.
+
+    per_query: (n_queries,); dev: bool (n_queries,), from ``query_split``; groups: name ->
+    bool (n_queries,) (e.g. "heldout", "facts"). Returns ``lds_mean_test``, ``lds_std_test``,
+    ``lds_mean_dev``, ``lds_std_dev``, ``n_test``, ``n_dev`` and per group
+    ``lds_mean_test_<group>``, ``lds_mean_dev_<group>`` (NaN where a side is empty)."""
+    v = np.asarray(per_query, dtype=np.float64)
+    dev = np.asarray(dev, dtype=bool)
+    if v.shape != dev.shape:
+        raise ValueError(f"The 'dev' parameter must have shape {v.shape}, like 'per_query'. "
+                         f"Got {dev.shape} instead.")
+    out: dict = {}
+    for side, mask in (("test", ~dev), ("dev", dev)):
+        out[f"n_{side}"] = int(mask.sum())
+        out[f"lds_mean_{side}"] = float(v[mask].mean()) if mask.any() else math.nan
+        out[f"lds_std_{side}"] = float(v[mask].std()) if mask.any() else math.nan
+        for g, gm in (groups or {}).items():
+            m = mask & np.asarray(gm, dtype=bool)
+            out[f"lds_mean_{side}_{g}"] = float(v[m].mean()) if m.any() else math.nan
+    return out

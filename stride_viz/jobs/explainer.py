@@ -9,10 +9,13 @@ SIGUSR1, or starts one when none is alive: detached like a worker (its own sessi
 appended to ``job_logs/explainer-<key>.log``), never a thread of the Streamlit server. The
 explainer claims the queued ``explain`` jobs of its run (their pid is its own, their heartbeat
 beats while they wait), loads the run once (``Stride.open``: model, operators, the Lasso's
-per-fold designs), explains each job in turn and closes its row as done
-(``result["query_ids"]``) or failed (a one-line message). It exits after ``idle`` seconds
+per-fold designs) and explains each job in turn: the scores first (the Explore page shows
+the query as soon as its folder is written), then, once no other request waits, the base and
+steered continuations; it closes the row as done (``result["query_ids"]``) or failed (a
+one-line message). It exits after ``idle`` seconds
 without a request (default 600, ``$STRIDE_VIZ_EXPLAINER_IDLE``), or on SIGTERM once the
-request at hand is written.
+request at hand is written. It runs torch on one thread (``$STRIDE_VIZ_EXPLAINER_THREADS``):
+one query is small matrices, and threads that wait for busy cores cost far more than they gain.
 
 One explainer per run folder and job table: it holds an ``flock`` on
 ``<db folder>/explainers/<key>.lock`` (released by the kernel when it dies, even by SIGKILL),
@@ -26,9 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
-import shlex
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -46,7 +47,20 @@ IDLE_SECONDS = 600.0
 POLL_SECONDS = 1.0
 # A new explainer waits this long for the lock of one that is just exiting on its idle timeout.
 LOCK_WAIT_SECONDS = 10.0
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+# One query is small matrices: a second torch thread gains little, and on cores shared with a
+# fit or a benchmark it loses much (measured on the demo run, 2 busy cores: a 24-token
+# generation 7.1 s with 2 threads, 0.12 s with 1; the 7 continuations 3-24 s against 0.6 s).
+DEFAULT_THREADS = 1
+
+
+def _threads() -> int:
+    """$STRIDE_VIZ_EXPLAINER_THREADS (torch threads of an explainer), default DEFAULT_THREADS."""
+    raw = os.environ.get("STRIDE_VIZ_EXPLAINER_THREADS", "")
+    if not raw:
+        return DEFAULT_THREADS
+    if not raw.isdigit() or not 1 <= int(raw) <= 256:
+        raise JobError(f"STRIDE_VIZ_EXPLAINER_THREADS must be an integer in [1, 256]. Got {raw!r} instead.")
+    return int(raw)
 
 
 def idle_seconds() -> float:
@@ -102,19 +116,12 @@ def wake_or_start(store: JobStore, run_dir: str | Path) -> int:
 
 
 def _start_detached(store: JobStore, run_dir: str | Path) -> int:
-    """Start ``python -m stride_viz.jobs.explainer`` as a detached process (a throw-away sh
-    starts it in the background, so it is re-parented to init, in its own session: no zombie
-    in the caller, and a server restart does not stop it); return its pid."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "stride_viz.jobs.explainer",
-                                            "--run", str(Path(run_dir).resolve()), "--db", str(store.path)])
-    log = shlex.quote(str(store.log_dir / f"explainer-{_key(run_dir)}.log"))
-    out = subprocess.run(["/bin/sh", "-c", f"{cmd} </dev/null >>{log} 2>&1 & echo $!"],
-                         capture_output=True, text=True, env=env, start_new_session=True, timeout=30)
-    if out.returncode != 0 or not out.stdout.strip().isdigit():
-        raise RuntimeError(f"could not start the explainer of {run_dir}: {out.stderr.strip()[-500:]}")
-    return int(out.stdout.strip())
+    """Start ``python -m stride_viz.jobs.explainer`` for ``run_dir`` as a detached process
+    (see :func:`stride_viz.jobs.worker.start_detached`); return its pid."""
+    from .worker import start_detached
+    return start_detached("stride_viz.jobs.explainer",
+                          ["--run", str(Path(run_dir).resolve()), "--db", str(store.path)],
+                          store.log_dir / f"explainer-{_key(run_dir)}.log", f"the explainer of {run_dir}")
 
 
 def _one_line(e: BaseException) -> str:
@@ -136,8 +143,10 @@ class Explainer:
         self.run_dir = str(Path(run_dir).resolve())
         self.lock_path, self.record_path = _paths(store, self.run_dir)
         self.stride = None
+        self.stamp: Optional[int] = None      # mtime of the operators file that was loaded
         self.state = "loading"
-        self.claimed: dict[int, dict] = {}    # job id -> params: claimed, not yet closed
+        self.claimed: dict[int, dict] = {}    # job id -> params: claimed, not yet explained
+        self.finishing: dict[int, dict] = {}  # job id -> result: scores written, continuations due
         self._claim_lock = threading.Lock()
         self.stop = threading.Event()
         self.done = threading.Event()
@@ -171,7 +180,7 @@ class Explainer:
         # this thread is inside the explainer process, never inside the Streamlit server
         while not self.done.wait(HEARTBEAT_SECONDS):
             try:
-                for job_id in list(self.claimed):
+                for job_id in list(self.claimed) + list(self.finishing):
                     self.store.beat(job_id)
                 self.claim()
             except Exception:  # a locked DB for a moment must not stop the explainer
@@ -181,10 +190,18 @@ class Explainer:
         self.stop.set()
 
     # ------------------------------------------------------------------ the work
+    def _operators_stamp(self) -> Optional[int]:
+        from stride_viz.storage import RunStore
+        try:
+            return RunStore(self.run_dir).operators_path.stat().st_mtime_ns
+        except OSError:
+            return None
+
     def load(self) -> None:
         from stride_viz.config import RecoveryConfig
         from stride_viz.engine import Stride
         t0 = time.monotonic()
+        self.stamp = self._operators_stamp()
         self.stride = Stride.open(self.run_dir)
         _ = self.stride.operators                     # read once, kept on the device
         self.stride.recoverer(RecoveryConfig())       # the per-fold designs of the default
@@ -193,30 +210,52 @@ class Explainer:
         self._log(f"ready: {self.run_dir} loaded in {time.monotonic() - t0:.1f} s")
 
     def serve(self, job_id: int) -> None:
-        """Explain one claimed job and close its row (it stays cancelled if cancelled meanwhile)."""
+        """Explain one claimed job: its scores first (the page shows the query as soon as its
+        folder is written); the job stays running until :meth:`finish_one` adds the
+        continuations, after any other request that is waiting."""
         from .kinds import explain
         params = self.claimed[job_id]
         try:
             if self.store.try_start(job_id) != "started":
-                return
+                return                                   # cancelled meanwhile
             self.store.set_run_dir(job_id, self.run_dir)
             self.store.append_log(job_id, f"explained by the warm explainer of this run (pid {os.getpid()})\n")
             t0 = time.monotonic()
             try:
-                result = explain(self.stride, params,
+                if self._operators_stamp() != self.stamp:   # refitted since they were loaded
+                    self._log("the run's operators changed on disk: loading the run again")
+                    self.load()
+                result = explain(self.stride, params, continuations=False,
                                  progress=lambda stage, fraction, eta, message="":
                                  self.store.progress(job_id, stage, fraction, eta, message))
             except Exception as e:
-                trace = tb.format_exc()
-                self._log(f"job {job_id} failed: {_one_line(e)}")
-                self.store.append_log(job_id, trace)
-                self.store.finish(job_id, "failed", error=_one_line(e), traceback=trace)
+                self._fail(job_id, _one_line(e))
                 return
             self._log(f"job {job_id}: {result['query_ids'][0]} in {time.monotonic() - t0:.2f} s")
-            self.store.finish(job_id, "done", result=result)
+            self.store.progress(job_id, "continuations", 0.0, None, "the scores are written")
+            self.finishing[job_id] = result
         finally:
             with self._claim_lock:
                 self.claimed.pop(job_id, None)
+
+    def finish_one(self, job_id: int) -> None:
+        """Add the continuations of a served job and close its row as done."""
+        from .kinds import add_continuations
+        result = self.finishing[job_id]
+        try:
+            add_continuations(self.stride, result["query_ids"][0])
+        except Exception as e:
+            self._fail(job_id, f"The scores were written, the continuations could not be: {_one_line(e)}")
+        else:
+            self.store.finish(job_id, "done", result=result)
+        finally:
+            self.finishing.pop(job_id, None)
+
+    def _fail(self, job_id: int, error: str) -> None:
+        trace = tb.format_exc()
+        self._log(f"job {job_id} failed: {error}")
+        self.store.append_log(job_id, trace)
+        self.store.finish(job_id, "failed", error=error, traceback=trace)
 
     def _fail_claimed(self, error: str, trace: str) -> None:
         for job_id in list(self.claimed):
@@ -263,10 +302,18 @@ class Explainer:
                 return 1
             last = time.monotonic()
             while not self.stop.is_set():
-                self.claim()
-                if self.claimed:
-                    self.serve(min(self.claimed))
-                    last = time.monotonic()
+                try:
+                    self.claim()
+                    if self.claimed or self.finishing:
+                        if self.claimed:                 # new requests before continuations
+                            self.serve(min(self.claimed))
+                        else:
+                            self.finish_one(min(self.finishing))
+                        last = time.monotonic()
+                        continue
+                except JobError as e:  # the job table locked for a while: try again shortly
+                    self._log(f"job table: {e}")
+                    time.sleep(POLL_SECONDS)
                     continue
                 waited = time.monotonic() - last
                 if waited >= self.idle:
@@ -280,6 +327,8 @@ class Explainer:
                     self._log(f"no request for {waited:.0f} s: exiting")
                     break
                 signal.sigtimedwait([signal.SIGUSR1], min(POLL_SECONDS, self.idle - waited))
+            for job_id, result in list(self.finishing.items()):  # stopped: the scores are there
+                self.store.finish(job_id, "done", result=result)
             return 0
         finally:
             self.done.set()
@@ -303,6 +352,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="seconds without a request before exiting (default: $STRIDE_VIZ_EXPLAINER_IDLE or 600)")
     args = parser.parse_args(argv)
     idle = args.idle if args.idle is not None else idle_seconds()
+    import torch
+    torch.set_num_threads(_threads())
     return Explainer(JobStore(args.db), args.run, idle).run()
 
 

@@ -85,7 +85,8 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
     "continuation": (("generate", "generating the continuation"),),
     "sleep": (("sleep", "waiting"),),
     "explain": (("load", "loading the model and operators (first request of this run only)"),
-                ("attribute", "explaining the prompt")),
+                ("attribute", "explaining the prompt"),
+                ("continuations", "writing the base and steered continuations")),
 }
 
 # Seconds each stage of the demo job took on the reference machine (2 shared CPU cores, one
@@ -508,16 +509,27 @@ def _validate_explain(p: dict) -> dict:
             "id": query_id_for(prompt, completion), "recovery": recovery}
 
 
-def explain(stride, p: dict, progress: Callable[..., None]) -> dict:
+def explain(stride, p: dict, progress: Callable[..., None], continuations: bool = True) -> dict:
     """Explain the prompt of an ``explain`` job with an open :class:`Stride` (the warm
-    explainer's, or one opened for this job alone by :func:`_run_explain`)."""
+    explainer's, or one opened for this job alone by :func:`_run_explain`). Without
+    ``continuations`` the scores are written first and :func:`add_continuations` follows."""
     from stride_viz.data.pools import Query
     t0 = time.monotonic()
     [a] = stride.attribute([Query(p["id"], p["prompt"], p["completion"])],
-                           _recovery_config(p["recovery"]), progress=progress)
+                           _recovery_config(p["recovery"]), progress=progress, continuations=continuations)
     return {"run_dir": p["run_dir"], "query_ids": [p["id"]],
             "completion_generated": bool(a.info.get("completion_generated")),
             "seconds_attribute": round(time.monotonic() - t0, 3)}
+
+
+def add_continuations(stride, query_id: str) -> None:
+    """Write the base and steered continuations of an explained query (what
+    ``Stride.attribute(continuations=True)`` writes), after its scores are on screen."""
+    from stride_viz.engine import read_attribution
+    a = read_attribution(stride.store.root, query_id)
+    with stride.store.updating_attribution(query_id) as folder:
+        # the engine's own writer (no public name yet), so both paths write the same file
+        stride._write_continuations(a.query, a.responses, folder)
 
 
 def _run_explain(p: dict, ctx: JobContext) -> dict:

@@ -33,24 +33,28 @@ QUEUE_POLL_SECONDS = 0.5
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def spawn(store: JobStore, job_id: int) -> int:
-    """Start a detached worker for ``job_id``; return its pid (also written in the row).
+def start_detached(module: str, args: list[str], log: Path, what: str) -> int:
+    """Start ``python -m <module> <args>`` detached, its output appended to ``log``; its pid.
 
-    A throw-away ``sh`` starts the worker in the background and exits at once, so the worker
-    is re-parented to init: it is not a child of the caller (no zombie in the Streamlit server)
+    A throw-away ``sh`` starts it in the background and exits at once, so the process is
+    re-parented to init: it is not a child of the caller (no zombie in the Streamlit server)
     and it lives in its own session (a server restart or Ctrl-C does not reach it).
     """
     env = dict(os.environ)
-    # the worker imports this very package, wherever the caller's working directory is
+    # the process imports this very package, wherever the caller's working directory is
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "stride_viz.jobs.worker",
-                                            "--job", str(job_id), "--db", str(store.path)])
-    log = shlex.quote(str(store.log_path(job_id)))
-    out = subprocess.run(["/bin/sh", "-c", f"{cmd} </dev/null >>{log} 2>&1 & echo $!"],
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", module, *args])
+    out = subprocess.run(["/bin/sh", "-c", f"{cmd} </dev/null >>{shlex.quote(str(log))} 2>&1 & echo $!"],
                          capture_output=True, text=True, env=env, start_new_session=True, timeout=30)
     if out.returncode != 0 or not out.stdout.strip().isdigit():
-        raise RuntimeError(f"could not start a worker for job {job_id}: {out.stderr.strip()[-500:]}")
-    pid = int(out.stdout.strip())
+        raise RuntimeError(f"could not start {what}: {out.stderr.strip()[-500:]}")
+    return int(out.stdout.strip())
+
+
+def spawn(store: JobStore, job_id: int) -> int:
+    """Start a detached worker for ``job_id``; return its pid (also written in the row)."""
+    pid = start_detached("stride_viz.jobs.worker", ["--job", str(job_id), "--db", str(store.path)],
+                         store.log_path(job_id), f"a worker for job {job_id}")
     store.set_pid(job_id, pid)
     return pid
 

@@ -28,15 +28,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from stride_viz.config import CHOICES
 from stride_viz.data.tokenize import token_rows
 from stride_viz.method import distributed
 from stride_viz.method.frozen import FrozenLM
 from stride_viz.method.logits import target_columns
 from stride_viz.progress import StageTimer, no_progress
 
-__all__ = ["Rows", "PoolCache", "Tokens", "tokenize_pool", "build_cache", "autocast", "CACHE_KINDS"]
-
-CACHE_KINDS = ("auto", "memory", "disk", "stream")
+__all__ = ["Rows", "PoolCache", "Tokens", "tokenize_pool", "build_cache", "autocast"]
 
 ENCODE_BLOCK = 4096           # examples tokenised at once
 LSE_CHUNK_ELEMENTS = 1 << 24  # logits materialised at once while computing `rest`
@@ -320,8 +319,8 @@ def build_cache(lm: FrozenLM, tokens: Tokens, mode: str, vocabulary: str = "pool
     """One pass of the frozen model over the pool (length-sorted batches, written back in pool
     order). Rows go to files under ``work_dir`` with kind 'disk', or with 'auto' when they would
     take more than ``memory_mb``; kind 'stream' makes no pass and stores no rows."""
-    if kind not in CACHE_KINDS:
-        raise ValueError(f"cache kind must be one of {CACHE_KINDS}; got {kind!r}")
+    if kind not in CHOICES["cache"]:
+        raise ValueError(f"cache kind must be one of {CHOICES['cache']}; got {kind!r}")
     device, D = lm.device, lm.cut.d_model
     scored_only = mode != "residual"
     cols_np = _columns(tokens, lm.cut.vocab, mode, vocabulary)
