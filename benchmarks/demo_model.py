@@ -70,9 +70,11 @@ def _greedy(model, tok, prompt: str, n: int) -> str:
     return tok.decode(out)
 
 
-def curve(overrides: dict, seed: int, every: float) -> None:
+def curve(overrides: dict, seed: int, every: float, folder: Path | None = None) -> None:
     """Train one recipe and print, every ``every`` epochs, the facts said and two free-prompt
-    continuations (the schedule is the full run's: a trend, not a shorter run's result)."""
+    continuations (the schedule is the full run's: a trend, not a shorter run's result); with
+    ``folder``, save the trained model there as ``train_demo_model`` does (the same weights:
+    the checks draw no random numbers)."""
     import re
     import torch
     from stride_viz.data import models
@@ -109,7 +111,10 @@ def curve(overrides: dict, seed: int, every: float) -> None:
 
     models.train_lm = spy
     try:
-        models.fit_demo_lm(pool, tok, "tiny", seed, report, **overrides)
+        if folder is not None:
+            models.train_demo_model(pool, folder, "tiny", seed, report, **overrides)
+        else:
+            models.fit_demo_lm(pool, tok, "tiny", seed, report, **overrides)
     finally:
         models.train_lm = train_lm
 
@@ -123,10 +128,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--record", action="store_true", help="append the result to demo_quality.json")
     ap.add_argument("--curve", type=float, default=None, metavar="EPOCHS",
-                    help="with --train: print the facts said every EPOCHS epochs while training, save nothing")
+                    help="with --train: print the facts said every EPOCHS epochs while training "
+                         "(and save the model in --model, if given)")
     args = ap.parse_args()
     if args.curve is not None:
-        return curve(json.loads(args.train or "{}"), args.seed, args.curve)
+        return curve(json.loads(args.train or "{}"), args.seed, args.curve,
+                     Path(args.model) if args.model else None)
     from stride_viz.data.models import demo_model_dir, demo_settings, train_demo_model
     from stride_viz.data.pools import load_pool
 

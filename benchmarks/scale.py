@@ -19,6 +19,7 @@ Three parts, each (setting, method) in its own process, peak memory read from th
 
     python benchmarks/scale.py --parts vocab,pool
     python benchmarks/scale.py --parts vocab --methods stride --limit 2400
+    python benchmarks/scale.py --parts cold     # only re-time the 3 cold queries of the runs
 
 Results: benchmarks/results/scale.json.
 """
@@ -219,22 +220,24 @@ def _spawn(args: list[str], limit: float) -> dict:
 
 
 def _queries_cold(run_dir: str, n_pool: int, limit: float) -> dict:
-    """3 queries from a fresh process with `python -m stride_viz attribute` (loads the model)."""
-    from stride_viz.data.pools import Query  # noqa: F401 - the queries' format
-
+    """3 queries from a fresh process with `python -m stride_viz attribute` (model loading
+    included), with its default continuations and with --no-continuations."""
     qfile = WORK / "queries3.jsonl"
     pool = _fortunes(n_pool)
     qfile.write_text("".join(json.dumps({"id": q.id, "prompt": q.prompt, "completion": q.completion}) + "\n"
                              for q in _queries(pool)[:3]))
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "stride_viz", "attribute", "--run", run_dir, "--queries",
-                           str(qfile), "--out", str(WORK / "queries3-out"), "--no-continuations"],
-                          timeout=limit, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        return {"status": "failed", "error": proc.stderr.strip().splitlines()[-1][:300]}
-    return {"status": "ok", "seconds_3_queries_cold": wall}
+    out = {"status": "ok", "load_average_before_cold_queries": round(os.getloadavg()[0], 2)}
+    for name, extra in (("seconds_3_queries_cold", []),
+                        ("seconds_3_queries_cold_no_continuations", ["--no-continuations"])):
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "stride_viz", "attribute", "--run", run_dir, "--queries",
+                               str(qfile), "--out", str(WORK / "queries3-out"), *extra],
+                              timeout=limit, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            return {"status": "failed", "error": proc.stderr.strip().splitlines()[-1][:300]}
+        out[name] = time.monotonic() - t0
+    return out
 
 
 def main() -> None:
@@ -272,8 +275,15 @@ def main() -> None:
                 if m == "stride" and row["status"] == "ok":
                     row.update(_queries_cold(row["run_dir"], n_pool, a.limit))
                 rows[(shape, m)] = row
-                _log(f"vocab {shape} {m}: {json.dumps({k: v for k, v in row.items() if k != 'settings'})[:400]}")
+                _log(f"vocab {shape} {m}: {json.dumps({k: v for k, v in row.items() if k != 'settings'})}")
                 _save(out_file, report, "vocab", list(rows.values()))
+    if "cold" in a.parts.split(","):        # re-measure the cold queries of the existing runs
+        rows = json.loads(out_file.read_text()).get("vocab", []) if out_file.exists() else []
+        for row in rows:
+            if row["method"] == "stride" and row.get("status") == "ok" and Path(row["run_dir"]).exists():
+                row.update(_queries_cold(row["run_dir"], row["n_pool"], a.limit))
+                _log(f"cold queries {row['shape']}: {row.get('seconds_3_queries_cold')}")
+        _save(out_file, report, "vocab", rows)
     if "pool" in a.parts.split(","):
         rows = {r["n_pool"]: r for r in report.get("pool", []) if "n_pool" in r}
         for n in (int(x) for x in a.pool_sizes.split(",")):
@@ -316,6 +326,7 @@ def _vocab_target(rows: list[dict]) -> dict:
             "peak_rss_gib": s["peak_rss_mb"] / 1024, "rss_ok": s["peak_rss_mb"] <= 4096,
             "run_folder_mb": s["run_folder_mb"], "folder_ok": s["run_folder_mb"] <= 300,
             "seconds_3_queries_cold": s.get("seconds_3_queries_cold"),
+            "seconds_3_queries_cold_no_continuations": s.get("seconds_3_queries_cold_no_continuations"),
             "queries_ok": s.get("seconds_3_queries_cold") is not None and s["seconds_3_queries_cold"] <= 30,
             "stride_seconds_total": total, "peers": peers, "fastest_gradient_peer": best,
             "stride_over_fastest_peer": ratio, "ratio_is_upper_bound": bool(best and peers[best]["lower_bound"]),

@@ -98,6 +98,9 @@ def run_demo(preset: str = "tiny", config: Optional[FitConfig] = None,
                "seconds_model": t_model - t0, "seconds_fit": t_fit - t_model,
                "seconds_attribute": t_done - t_fit, "seconds_total": t_done - t0,
                "seconds_per_query": (t_done - t_fit) / max(1, len(attributions))}
+    if pool.facts:   # after the timings: does the model itself say what it is explained for?
+        said = facts_said(model, pool)
+        summary.update(facts_said=said["said"], facts=said["of"])
     write_json(run_dir / "demo.json", summary)
     echo(f"run directory: {run_dir}")
     for a in attributions[:3] + attributions[-1:]:
@@ -107,6 +110,9 @@ def run_demo(preset: str = "tiny", config: Optional[FitConfig] = None,
     if "mrr" in summary:
         echo(f"\nplanted facts: recall@10 {summary['recall_at_10']:.2f}, MRR {summary['mrr']:.2f} "
              f"over {summary['queries']} queries")
+    if "facts_said" in summary:
+        echo(f"the model says {summary['facts_said']} of its {summary['facts']} planted facts "
+             f"(greedy continuation of the fact's prompt starts with the answer)")
     echo(f"time: model {summary['seconds_model']:.0f} s, fit {summary['seconds_fit']:.0f} s, "
          f"attribution {summary['seconds_attribute']:.1f} s ({summary['seconds_per_query']:.2f} s/query)")
     return summary

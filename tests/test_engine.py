@@ -193,3 +193,30 @@ def test_bad_queries_are_refused_before_any_work(fitted_run):
     with pytest.raises(QueryError, match="unique"):
         fitted_run.attribute([Query("a", "x", " y"), Query("a", "x", " z")])
     assert set(fitted_run.store.query_ids()) == before
+
+
+@pytest.mark.parametrize("mode", ["logits", "residual"])
+def test_generation_with_the_key_value_cache_equals_full_recomputation(tiny_model, mode):
+    from stride_viz.method.measurement import generate, steered_logits
+    lm = FrozenLM(tiny_model.model, layer=1)
+    out = lm.cut.vocab if mode == "logits" else lm.cut.d_model
+    ops = SteeringOperators(4, lm.cut.d_model, 4, out, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ops.A.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    tok = tiny_model.tokenizer
+    ks = [None, 2]
+    texts = generate(lm, tok, "The sky is", 8, operators=ops, mode=mode, ks=ks)
+    ids = tok("The sky is", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[tok.bos_token_id] + ids] * 2)
+    sel = torch.tensor([-1, 2])
+    new = [[], []]
+    for _ in range(8):                    # greedy, recomputing the whole sequence every token
+        nxt = steered_logits(lm, ops, mode, ids, torch.ones_like(ids), sel)[:, -1].argmax(-1)
+        for b in range(2):
+            new[b].append(int(nxt[b]))
+        ids = torch.cat([ids, nxt.unsqueeze(1)], 1)
+    expected = []
+    for row in new:
+        row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        expected.append(tok.decode(row, skip_special_tokens=True))
+    assert texts == expected

@@ -176,6 +176,19 @@ def test_zero_operator_moves_no_response(models, tokenizer, family, mode):
     assert out.shape == (1, 6, lm.cut.vocab) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_generation_step_equals_full_forward(models, family):
+    """The key/value-cached pass that generation uses gives the logits of a full forward."""
+    lm = FrozenLM(models(family), layer=1)
+    ids = (torch.arange(7).unsqueeze(0) * 5 + 3) % lm.cut.vocab
+    att = torch.ones_like(ids)
+    full = lm.logits(lm.final_hidden(ids, att))[:, -1]
+    with torch.no_grad():
+        _, past = lm.final_hidden_cached(ids[:, :-1], att[:, :-1])
+        last, _ = lm.final_hidden_cached(ids[:, -1:], att, past)
+    torch.testing.assert_close(lm.logits(last)[:, -1], full, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["factored", "logits", "residual"])
 @pytest.mark.parametrize("family", FIT_FAMILIES)
 def test_one_fit_step_runs(models, tokenizer, family, mode):

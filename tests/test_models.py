@@ -301,3 +301,19 @@ def test_fact_repeats_show_the_fact_documents_more_often(pool):
         fit_demo_lm(encode_pool(tok, fpool, 48), tok, "tiny", **settings, fact_repeats=2)
     with pytest.raises(ValueError, match="'fact_repeats' demo model setting must be a positive integer"):
         demo_settings("tiny", fact_repeats=0)
+
+
+def test_facts_said_needs_the_answer_as_the_first_word_of_the_greedy_continuation(tiny_dir, monkeypatch):
+    from stride_viz.data.records import Fact, Query
+    from stride_viz.demo import facts_said
+    facts = tuple(Fact(Query(f"f{i}", f"prompt {i}", " Quessit."), ("d0",)) for i in range(4))
+    fpool = make_pool("docs", [f"d{i}" for i in range(len(DOCS))], [""] * len(DOCS), DOCS, facts)
+    said = {"prompt 0": " Quessit. It is far.", "prompt 1": "Quessit,", "prompt 2": " the Quessit.",
+            "prompt 3": " Quessitville."}
+    monkeypatch.setattr("stride_viz.method.measurement.generate",
+                        lambda lm, tok, prompt, n: [said[prompt]])
+    out = facts_said(load_model(str(tiny_dir), device="cpu"), fpool)
+    assert (out["said"], out["of"], out["rate"]) == (2, 4, 0.5)
+    assert [q["said"] for q in out["queries"]] == [True, True, False, False]
+    assert out["queries"][2] == {"id": "f2", "prompt": "prompt 2", "answer": "Quessit",
+                                 "continuation": " the Quessit.", "said": False}

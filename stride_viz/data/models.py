@@ -51,9 +51,10 @@ BOS = "<|endoftext|>"
 # per token; tiny 5.4 vs 6.1).
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=2048,
-                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1, dropout=0.0),
+                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1, dropout=0.0, weight_decay=0.01),
     "small": dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, vocab_size=4096,
-                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1, dropout=0.0),
+                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1, dropout=0.0,
+                  weight_decay=0.01),
 }
 
 
@@ -419,8 +420,8 @@ def demo_settings(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """The settings of a demo preset with ``overrides`` applied (n_layer, n_embd, n_head,
     n_positions, vocab_size, epochs, steps, batch_size, lr, max_length, fact_repeats: how many
     times an epoch shows each planted-fact document, no effect on a pool without facts; dropout:
-    of the residual, embedding and attention, during training only); giving ``steps`` replaces
-    ``epochs``."""
+    of the residual, embedding and attention, during training only; weight_decay: AdamW's, on
+    the matrices); giving ``steps`` replaces ``epochs``."""
     _check_preset(preset)
     unknown = sorted(set(overrides) - set(DEMO_PRESETS[preset]))
     if unknown:
@@ -458,7 +459,7 @@ def fit_demo_lm(pool: Pool | Encoded, tokenizer: Any, preset: str = "tiny", seed
         pool = encode_pool(tokenizer, pool, cfg["max_length"]).select(training_rows(pool, cfg["fact_repeats"]))
     return train_lm(model, tokenizer, pool, epochs=cfg["epochs"], steps=cfg["steps"],
                     batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, max_length=cfg["max_length"],
-                    progress=progress)
+                    weight_decay=cfg["weight_decay"], progress=progress)
 
 
 def training_rows(pool: Pool, fact_repeats: int = 1) -> list[int]:

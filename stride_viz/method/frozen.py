@@ -11,6 +11,7 @@ against ``model(...).logits`` on a few tokens and refuses a model whose output p
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -160,6 +161,24 @@ class FrozenLM:
         finally:
             handle.remove()
         return captured["h"]
+
+    def final_hidden_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            past: Any = None) -> tuple[torch.Tensor, Any]:
+        """:meth:`final_hidden` with the model's key/value cache (for generation): ``input_ids``
+        are the new tokens only (the whole prompt the first time), ``attention_mask`` covers the
+        whole sequence; returns (h_L of the new tokens, the updated cache)."""
+        captured = {}
+        handle = (self.project.register_forward_pre_hook(lambda _m, args: captured.update(h=args[0]))
+                  if self.project is not None else None)
+        # transformers 5 calls the argument and the output `cache`, earlier versions `past_key_values`
+        key = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        try:
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                            **{key: past})
+        finally:
+            if handle is not None:
+                handle.remove()
+        return (captured["h"] if handle is not None else out.last_hidden_state), out[key]
 
     def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """The model's output path from h_L: (..., D) -> (..., V) float32, equal to

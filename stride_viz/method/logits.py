@@ -29,8 +29,9 @@ import torch
 __all__ = ["lse", "steered_nll", "kl_to_steered", "target_columns", "LOSS_CHUNK_ELEMENTS",
            "subset_terms", "subset_nll", "subset_kl"]
 
-# logits (float32) formed at once by a loss or measurement chunk: 64 MiB (a few such tensors live)
-LOSS_CHUNK_ELEMENTS = 1 << 24
+# logits (float32) formed at once by a loss or measurement chunk: 256 MiB (a few such tensors
+# live). Large enough that a default step at GPT-2's size is one chunk (no recomputation).
+LOSS_CHUNK_ELEMENTS = 1 << 26
 
 
 def lse(logits_c: torch.Tensor, rest: Optional[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -139,26 +139,40 @@ def _residual_hook(lm: FrozenLM, operators: SteeringOperators, ops: torch.Tensor
 def steered_logits(lm: FrozenLM, operators: Optional[SteeringOperators], mode: str,
                    ids: torch.Tensor, att: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
     """Full forward with row b steered by operator ``ops[b]`` (-1: the base model): (B, T, V)."""
+    return _steered_forward(lm, operators, mode, ids, att, ops)[0]
+
+
+def _steered_forward(lm: FrozenLM, operators: Optional[SteeringOperators], mode: str,
+                     ids: torch.Tensor, att: torch.Tensor, ops: torch.Tensor,
+                     past: Any = None, cached: bool = False) -> tuple[torch.Tensor, Any]:
+    """(logits (B, T, V) of ``ids``, the key/value cache when ``cached``): row b steered by
+    operator ``ops[b]``; with ``cached``, ``ids`` are the tokens after those in ``past``."""
     steer = operators is not None and bool((ops >= 0).any())
+
+    def forward():
+        if cached:
+            return lm.final_hidden_cached(ids, att, past)
+        return lm.final_hidden(ids, att), None
+
     if steer and mode == "residual":
         with _residual_hook(lm, operators, ops):
-            final = lm.final_hidden(ids, att)
-        return lm.logits(final)
-    final = lm.final_hidden(ids, att)
+            final, past = forward()
+        return lm.logits(final), past
+    final, past = forward()
     logits = lm.logits(final)
     if not steer:
-        return logits
+        return logits, past
     shift = _row_shift(operators, final, ops)                               # (B, T, out)
     columns = _columns(operators, logits.shape[-1], logits.device)
     if operators.op_columns is None:
         logits[..., columns] += shift
-        return logits
+        return logits, past
     for b, k in enumerate(ops.tolist()):      # vocabulary 'subset': row b's operator's columns
         if k >= 0:
             cols = operators.op_columns[k]
             keep = cols >= 0
             logits[b][..., columns[cols[keep]]] += shift[b][..., keep]
-    return logits
+    return logits, past
 
 
 def _columns(operators: SteeringOperators, vocab: int, device: torch.device) -> torch.Tensor:
@@ -183,10 +197,12 @@ def generate(lm: FrozenLM, tokenizer, prompt: str, max_new_tokens: int = 32,
         lm.model.config, "max_position_embeddings", None) or 1024
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
+    past, step_ids = None, ids          # the model's key/value cache: each step feeds one token
     for _ in range(max_new_tokens):
         if ids.shape[1] >= n_pos or bool(done.all()):
             break
-        logits = steered_logits(lm, operators, mode, ids, torch.ones_like(ids), ops)
+        logits, past = _steered_forward(lm, operators, mode, step_ids, torch.ones_like(ids), ops,
+                                        past, cached=True)
         nxt = logits[:, -1].argmax(-1)
         for b in range(B):
             if done[b]:
@@ -196,4 +212,5 @@ def generate(lm: FrozenLM, tokenizer, prompt: str, max_new_tokens: int = 32,
             else:
                 new[b].append(int(nxt[b]))
         ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
+        step_ids = nxt.unsqueeze(1)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
