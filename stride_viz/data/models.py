@@ -51,10 +51,11 @@ BOS = "<|endoftext|>"
 # per token; tiny 5.4 vs 6.1).
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=2048,
-                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1, dropout=0.0, weight_decay=0.01),
+                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1, dropout=0.0, weight_decay=0.01,
+                 input_noise=0.0),
     "small": dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, vocab_size=4096,
                   epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1, dropout=0.0,
-                  weight_decay=0.01),
+                  weight_decay=0.01, input_noise=0.0),
 }
 
 
@@ -303,7 +304,8 @@ def encode_pool(tokenizer: Any, pool: Pool, max_length: int) -> Encoded:
 def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Optional[float] = None,
              steps: Optional[int] = None, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
              max_length: int = 128, weight_decay: float = 0.01, warmup_fraction: float = 0.05,
-             progress: Callable[..., None] = no_progress, stage: str = "train-model") -> Any:
+             input_noise: float = 0.0, progress: Callable[..., None] = no_progress,
+             stage: str = "train-model") -> Any:
     """Train ``model`` in place on ``pool`` and return it (eval mode, requires_grad off).
 
     Loss: per example, the mean next-token cross-entropy over its completion tokens (the
@@ -313,6 +315,9 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
     (default one epoch). Batches are drawn from a generator seeded with ``seed``, and the
     global RNG is forked and seeded too (dropout), so the same inputs give the same weights.
     ``pool`` may be a pre-encoded :class:`Encoded` (saves tokenising again on repeated calls).
+    ``input_noise``: the share of input tokens (after the BOS) replaced by random ones in each
+    step, the targets kept: the model cannot lean on the last word alone and has to use the
+    whole context (default 0: off).
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -324,6 +329,9 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
         raise ValueError("train_lm needs at least one example; the pool is empty.")
     _check_positive("batch_size", batch_size, integer=True)
     _check_positive("lr", lr)
+    if not isinstance(input_noise, (int, float)) or not 0 <= input_noise < 1:
+        raise ValueError(f"The 'input_noise' parameter of train_lm must be a number in [0, 1). "
+                         f"Got {input_noise!r} instead.")
     batch_size = min(batch_size, n)
     per_epoch = math.ceil(n / batch_size)
     if steps is None:
@@ -335,6 +343,8 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
     device = next(model.parameters()).device
     data = data.to(device)
     gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1)
+    vocab = model.get_input_embeddings().num_embeddings
     lengths = data.attention_mask.sum(1).cpu()
     batches = [b for _ in range(math.ceil(steps / per_epoch))
                for b in _epoch_batches(lengths, batch_size, gen)][:steps]
@@ -354,7 +364,13 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
                 batch = data.select(batches[step].to(device))
                 width = int(batch.attention_mask.sum(1).max())  # trim the shared padding
                 ids, att, mask = (t[:, :width] for t in (batch.input_ids, batch.attention_mask, batch.loss_mask))
-                logits = model(input_ids=ids, attention_mask=att).logits
+                inputs = ids
+                if input_noise > 0:
+                    hit = torch.rand(ids.shape, generator=noise_gen) < input_noise
+                    hit[:, 0] = False
+                    noise = torch.randint(vocab, ids.shape, generator=noise_gen)
+                    inputs = torch.where(hit.to(device), noise.to(device), ids)
+                logits = model(input_ids=inputs, attention_mask=att).logits
                 loss = sequence_losses(logits, ids, mask).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -421,7 +437,7 @@ def demo_settings(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     n_positions, vocab_size, epochs, steps, batch_size, lr, max_length, fact_repeats: how many
     times an epoch shows each planted-fact document, no effect on a pool without facts; dropout:
     of the residual, embedding and attention, during training only; weight_decay: AdamW's, on
-    the matrices); giving ``steps`` replaces ``epochs``."""
+    the matrices; input_noise: see :func:`train_lm`); giving ``steps`` replaces ``epochs``."""
     _check_preset(preset)
     unknown = sorted(set(overrides) - set(DEMO_PRESETS[preset]))
     if unknown:
@@ -459,7 +475,7 @@ def fit_demo_lm(pool: Pool | Encoded, tokenizer: Any, preset: str = "tiny", seed
         pool = encode_pool(tokenizer, pool, cfg["max_length"]).select(training_rows(pool, cfg["fact_repeats"]))
     return train_lm(model, tokenizer, pool, epochs=cfg["epochs"], steps=cfg["steps"],
                     batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, max_length=cfg["max_length"],
-                    weight_decay=cfg["weight_decay"], progress=progress)
+                    weight_decay=cfg["weight_decay"], input_noise=cfg["input_noise"], progress=progress)
 
 
 def training_rows(pool: Pool, fact_repeats: int = 1) -> list[int]:
