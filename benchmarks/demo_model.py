@@ -2,14 +2,18 @@
 
     python benchmarks/demo_model.py                                   # the shipped checkpoint
     python benchmarks/demo_model.py --train '{"epochs": 12, "fact_repeats": 8}'   # a candidate recipe
+    python benchmarks/demo_model.py --train '{"n_embd": 256}' --curve 2 --model DIR   # facts said while training
+    python benchmarks/demo_model.py --fit-cost 2x128,4x128,6x128,2x256 --record     # what depth/width cost the fit
 
 With ``--train``, a candidate ``demo:tiny`` recipe (JSON overrides of the preset, see
 ``stride_viz.data.models.demo_settings``) is trained from scratch on ``fortunes+facts`` into
 ``benchmarks/work/demo-<hash of the recipe>`` first (reused when it exists). Prints one JSON
 object: the recipe, the CPU seconds of training, how many of the 34 fact prompts the greedy
 continuation answers (``stride_viz.demo.facts_said``), the mean loss per completion token of the
-fact queries, and the greedy continuations of a few free prompts (to read). ``--record`` adds it
-to ``benchmarks/results/demo_quality.json`` under ``models``.
+fact queries, how many fact documents cut before their answer it completes with the answer
+(memorised wordings), and the greedy continuations of a few free prompts (to read); with ``--recall``,
+also how well STRIDE finds the facts' documents on that model (recall@10, MRR). ``--record``
+adds it to ``benchmarks/results/demo_quality.json`` under ``models``.
 """
 from __future__ import annotations
 
@@ -39,6 +43,25 @@ def _fact_loss(model, pool) -> float:
     return float(sequence_losses(logits, enc.input_ids, enc.loss_mask).mean())
 
 
+def _doc_prefixes_said(model) -> tuple[int, int]:
+    """How many fact documents, cut right before their answer word ("The capital of Vorlandia
+    is"), the model continues with the answer's first token (greedy): memorised wordings."""
+    import torch
+    from stride_viz.data.facts import FACTS
+    tok, hit, total = model.tokenizer, 0, 0
+    for _, answer, docs in FACTS:
+        for doc in docs:
+            cut = doc.find(answer)
+            if cut <= 0:
+                continue           # the document starts with the answer
+            ids = [tok.bos_token_id] + tok(doc[:cut].rstrip())["input_ids"]
+            with torch.no_grad():
+                nxt = int(model.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            total += 1
+            hit += nxt == tok(" " + answer)["input_ids"][0]
+    return hit, total
+
+
 def measure(folder: Path) -> dict:
     """Facts said, fact loss and free-prompt continuations of the model saved in ``folder``."""
     from stride_viz.data.models import load_model
@@ -51,10 +74,35 @@ def measure(folder: Path) -> dict:
     model = load_model(str(folder), device="cpu")
     said = facts_said(model, pool)
     lm = FrozenLM(model.model)
+    hit, total = _doc_prefixes_said(model)
     return {"weights_hash": model.hash, "facts_said": said["said"], "facts": said["of"],
             "fact_loss": round(_fact_loss(model, pool), 3),
+            "doc_prefixes_said": hit, "doc_prefixes": total,
             "missed": {r["id"]: r["continuation"] for r in said["queries"] if not r["said"]},
             "free_prompts": {p: generate(lm, model.tokenizer, p, 32)[0] for p in FREE_PROMPTS}}
+
+
+def attribution_quality(folder: Path) -> dict:
+    """recall@10 and MRR of the planted facts' own documents when STRIDE (the default
+    FitConfig, a fresh run folder) explains the 34 fact queries on the model in ``folder``:
+    what ``python -m stride_viz demo`` reports, without the continuations."""
+    import tempfile
+    from stride_viz.config import FitConfig
+    from stride_viz.data.models import load_model
+    from stride_viz.data.pools import fact_queries, load_pool
+    from stride_viz.demo import fact_metrics
+    from stride_viz.engine import Stride
+
+    pool = load_pool("fortunes+facts")
+    model = load_model(str(folder), device="cpu")
+    with tempfile.TemporaryDirectory(prefix="demo-recall-") as tmp:
+        run = Stride.create_or_open(tmp, model, pool, FitConfig())
+        c0 = time.process_time()
+        run.fit()
+        c1 = time.process_time()
+        metrics = fact_metrics(pool, run.attribute(fact_queries(pool), continuations=False))
+    return {**metrics, "fit_cpu_seconds": round(c1 - c0, 1),
+            "attribute_cpu_seconds": round(time.process_time() - c1, 1)}
 
 
 def _greedy(model, tok, prompt: str, n: int) -> str:
@@ -83,7 +131,7 @@ def curve(overrides: dict, seed: int, every: float, folder: Path | None = None) 
     pool = load_pool("fortunes+facts")
     cfg = models.demo_settings("tiny", **overrides)
     rows = models.training_rows(pool, cfg["fact_repeats"])
-    tok = models.train_tokenizer([pool.text(i) for i in rows], cfg["vocab_size"])
+    tok = models.train_tokenizer([pool.text(i) for i in rows], cfg["vocab_size"], cfg["prefix_space"])
     steps = models.demo_training_steps(pool, "tiny", **overrides)
     interval = max(1, round(steps / cfg["epochs"] * every))
     held, state = [], {"bucket": 0}
@@ -119,22 +167,77 @@ def curve(overrides: dict, seed: int, every: float, folder: Path | None = None) 
         models.train_lm = train_lm
 
 
+def fit_cost(shapes: list[str], epochs: float) -> dict:
+    """CPU seconds of the cache pass and of a short operator fit (the default FitConfig, but
+    ``epochs`` passes) on fortunes+facts, for freshly initialised GPT-2s of each LAYERSxWIDTH
+    shape with the demo's tokenizer: what a deeper or wider demo model would cost the demo."""
+    import tempfile
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from stride_viz.config import FitConfig
+    from stride_viz.data.models import SHIPPED_DEMO_DIR, load_model
+    from stride_viz.data.pools import load_pool
+    from stride_viz.engine import Stride
+
+    pool = load_pool("fortunes+facts")
+    tok = load_model(str(SHIPPED_DEMO_DIR / "tiny"), device="cpu").tokenizer
+    rows = []
+    for shape in shapes:
+        n_layer, n_embd = (int(x) for x in shape.lower().split("x"))
+        with tempfile.TemporaryDirectory(prefix="fit-cost-") as tmp:
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=n_embd, n_layer=n_layer,
+                                       n_head=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id)).save_pretrained(f"{tmp}/model")
+            tok.save_pretrained(f"{tmp}/model")
+            lm = load_model(f"{tmp}/model", device="cpu")
+            stages: dict = {}
+
+            def progress(stage, fraction, eta, message=""):
+                stages.setdefault(stage, [time.process_time(), None])[1] = time.process_time()
+
+            run = Stride.create_or_open(f"{tmp}/run", lm, pool, FitConfig(epochs=epochs))
+            c0 = time.process_time()
+            run.fit(progress=progress)
+            rows.append({"shape": shape, "cpu_seconds": round(time.process_time() - c0, 1),
+                         "stage_cpu_seconds": {k: round(v[1] - v[0], 1) for k, v in stages.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"epochs": epochs, "shapes": rows}
+
+
 def main() -> None:
     import torch
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a saved model folder (default: the demo:tiny checkpoint)")
+    ap.add_argument("--model", default=None, help="a saved model folder (default: the shipped demo:tiny checkpoint)")
     ap.add_argument("--train", default=None, help="JSON overrides of the demo:tiny preset to train first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--record", action="store_true", help="append the result to demo_quality.json")
     ap.add_argument("--curve", type=float, default=None, metavar="EPOCHS",
                     help="with --train: print the facts said every EPOCHS epochs while training "
                          "(and save the model in --model, if given)")
+    ap.add_argument("--recall", action="store_true",
+                    help="also fit STRIDE on the model and measure recall@10 / MRR of the fact documents "
+                         "(about 3 CPU minutes)")
+    ap.add_argument("--fit-cost", default=None, metavar="SHAPES",
+                    help="comma-separated LAYERSxWIDTH shapes (e.g. 2x128,4x128,2x256): CPU seconds "
+                         "of a short demo fit for each; with --record, stored under fit_cost")
+    ap.add_argument("--fit-epochs", type=float, default=0.1, help="with --fit-cost: operator epochs")
     args = ap.parse_args()
+    if args.fit_cost is not None:
+        row = fit_cost(args.fit_cost.split(","), args.fit_epochs)
+        row.update(command=" ".join(["python", "benchmarks/demo_model.py", *sys.argv[1:]]),
+                   load_average=[round(x, 2) for x in os.getloadavg()])
+        if args.record:
+            out = ROOT / "benchmarks" / "results" / "demo_quality.json"
+            doc = json.loads(out.read_text())
+            doc["fit_cost"] = row
+            out.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     if args.curve is not None:
         return curve(json.loads(args.train or "{}"), args.seed, args.curve,
                      Path(args.model) if args.model else None)
-    from stride_viz.data.models import demo_model_dir, demo_settings, train_demo_model
+    from stride_viz.data.models import SHIPPED_DEMO_DIR, demo_settings, train_demo_model
     from stride_viz.data.pools import load_pool
 
     row: dict = {}
@@ -150,9 +253,17 @@ def main() -> None:
             row["train_cpu_seconds"] = round(time.process_time() - c0, 1)
             row["train_wall_seconds"] = round(time.monotonic() - t0, 1)
     else:
-        folder = Path(args.model) if args.model else demo_model_dir("tiny")
+        folder = Path(args.model) if args.model else SHIPPED_DEMO_DIR / "tiny"
     row["model"] = str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+    manifest = folder / "stride_viz_model.json"
+    if "recipe" not in row and manifest.exists():   # a model made by train_demo_model: its settings
+        made = json.loads(manifest.read_text())
+        row["recipe"] = {**made.get("settings", {}), "seed": made.get("seed")}
     row.update(measure(folder))
+    if args.recall:
+        row["attribution"] = attribution_quality(folder)
+    row.update(command=" ".join(["python", "benchmarks/demo_model.py", *sys.argv[1:]]),
+               load_average=[round(x, 2) for x in os.getloadavg()])
     print(json.dumps(row, indent=1))
     if args.record:
         out = ROOT / "benchmarks" / "results" / "demo_quality.json"

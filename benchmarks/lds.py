@@ -1,6 +1,30 @@
-"""LDS benchmark of STRIDE against its peers on the built-in demo setting.
+"""LDS benchmark of STRIDE against its peers: the built-in demo setting, or any pool.
 
-One command builds (or reuses) everything, in steps that each skip what is already done:
+**Any pool, the committed defaults** (item 7 of issue 10)::
+
+    python benchmarks/lds.py --pool POOL [--queries QUERIES.jsonl] --retrains 32 --seed 0 \
+        --work DIR --out RESULT.json --methods stride,ekfac,tfidf
+
+builds the ground truth on POOL (any ``stride_viz.data.pools.load_pool`` spec: a .jsonl/.csv/
+.txt file, a ``datasets`` folder or a built-in name) with the project's recipe (``RECIPE``: a
+byte-level BPE tokenizer of ``VOCAB`` tokens trained on the pool, a GPT-2 trained from scratch
+on the whole pool, and ``--retrains`` more trained on random 30% subsets, ``--seed`` drawing the
+subsets), then runs every named method with its committed defaults (STRIDE: the engine's
+``FitConfig()``/``RecoveryConfig()``; peers: ``baselines.default_settings`` with
+``PEER_SETTINGS``), nothing tuned on that pool, and writes RESULT.json in the schema of
+``benchmarks/results/lds.json`` (``methods.<name>.lds_mean, lds_std, lds_per_query, times,
+settings``, the test-split statistics ``test`` and ``vs_stride``) with the wall time of every
+step. QUERIES.jsonl holds one ``{"prompt", "completion", "id"}`` per line (a completion is
+required); without ``--queries``, ``N_HELDOUT_GENERAL`` documents of the pool (seeded by
+``--seed``) are held out of it and become the queries (prompt = their first three words,
+completion = the rest; a prompt/completion pair is used as it is), plus the pool's planted-fact
+queries if it has any. The development/test split of the queries (``metrics.query_split``)
+is written into the ground truth's metadata. Every step resumes: rerunning the command skips
+what DIR already holds. Method names: stride, ekfac, trak, logra, tracin, tfidf, repsim,
+random (and if-arnoldi).
+
+**The demo setting** (the committed ``benchmarks/results/lds.json``): one command builds (or
+reuses) everything, in steps that each skip what is already done:
 
 1. prepare: the pool (built-in ``fortunes+facts`` minus held-out fortunes), >=100 queries
    (held-out fortunes split into prompt/completion, and every planted-fact query), a
@@ -13,12 +37,14 @@ One command builds (or reuses) everything, in steps that each skip what is alrea
 5. report: every method's scores, compressed (float16, rows scaled), into the committed
    ``benchmarks/results/lds_scores/<method>.npz``; ``benchmarks/results/lds.json`` (LDS
    computed from those files, on all queries and on each side of the fixed development/test
-   split of ``metrics.query_split``) and ``benchmarks/results/lds.png`` (test queries).
+   split, with the statistics of ``stride_viz.evaluation.stats`` on the test queries) and
+   ``benchmarks/results/lds.png`` (test queries).
    A method whose scores are gone (an earlier run's) keeps its entry from the previous report.
 
     python benchmarks/lds.py                      # everything
     python benchmarks/lds.py --steps retrain      # only some steps
     python benchmarks/lds.py --methods trak,tfidf # only some methods
+    python benchmarks/lds.py --stats-only         # lds.json again from the committed files only
 
 Where things go: the ground truth and the compressed scores (committed) in benchmarks/results/;
 the model, the STRIDE run and the float32 scores in benchmarks/work/ (gitignored).
@@ -28,10 +54,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -39,6 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stride_viz.evaluation import metrics as ev  # noqa: E402
+from stride_viz.evaluation import stats  # noqa: E402
 from stride_viz.evaluation.baselines import GRADIENT_METHODS, METHODS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -63,6 +93,41 @@ PEER_SETTINGS = {"ekfac": {"damping_factor": None}}  # kronfluence: 0.1 x mean e
 # Seeds torch before each method: kronfluence's EK-FAC samples labels (true Fisher) and
 # differs from run to run otherwise.
 TORCH_SEED = 0
+# the general command: queries held out of the pool when no --queries file is given
+N_HELDOUT_GENERAL = 60
+GENERAL_METHODS = ("stride", "ekfac", "trak", "logra", "tracin", "tfidf", "repsim", "random",
+                   "if-arnoldi")
+# bootstrap resamples of the statistics (stride_viz.evaluation.stats), fixed seed
+N_BOOT = 2000
+STATS_SEED = 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one benchmark keeps its ground truth, model, STRIDE run and float32 scores;
+    ``overrides``: a JSON file of per-method settings differing from the committed defaults
+    (the general command's --settings; None for the demo)."""
+
+    gt: Path
+    model: Path
+    scores: Path
+    run: Path
+    overrides: Optional[Path] = None
+
+    def method_overrides(self) -> dict:
+        if self.overrides is None or not self.overrides.exists():
+            return {}
+        return json.loads(self.overrides.read_text())
+
+
+DEMO = Layout(GT_DIR, MODEL_DIR, SCORES, RUN_DIR)
+
+
+def work_layout(work: Path) -> Layout:
+    """The general command's layout: everything under its --work directory."""
+    work = Path(work)
+    return Layout(work / "ground_truth", work / "model", work / "scores", work / "stride_run",
+                  work / "settings.json")
 
 
 def _log(msg: str) -> None:
@@ -102,27 +167,27 @@ def step_prepare() -> None:
     _log(f"prepared {GT_DIR}: pool {len(pool)}, queries {len(queries)}")
 
 
-def step_model() -> None:
+def step_model(L: Layout = DEMO) -> None:
     from stride_viz.evaluation.retrain import open_inputs, train_recipe
 
-    if (MODEL_DIR / "config.json").exists():
-        _log(f"model exists: {MODEL_DIR}")
+    if (L.model / "config.json").exists():
+        _log(f"model exists: {L.model}")
         return
-    meta, pool, queries, tok = open_inputs(GT_DIR)
+    meta, pool, queries, tok = open_inputs(L.gt)
     t0 = time.monotonic()
     model = train_recipe(meta["recipe"], tok, pool)
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(MODEL_DIR)
-    tok.save_pretrained(MODEL_DIR)
-    (MODEL_DIR / "train_seconds.txt").write_text(f"{time.monotonic() - t0:.1f}\n")
-    _log(f"model trained in {time.monotonic() - t0:.0f} s -> {MODEL_DIR}")
+    L.model.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(L.model)
+    tok.save_pretrained(L.model)
+    (L.model / "train_seconds.txt").write_text(f"{time.monotonic() - t0:.1f}\n")
+    _log(f"model trained in {time.monotonic() - t0:.0f} s -> {L.model}")
 
 
-def step_retrain() -> None:
+def step_retrain(L: Layout = DEMO) -> int:
     from stride_viz.progress import print_progress
     from stride_viz.evaluation.retrain import fill
 
-    fill(GT_DIR, (0, 1), progress=print_progress)
+    return fill(L.gt, (0, 1), progress=print_progress)
 
 
 VARIANTS = WORK / "lds_variants.json"
@@ -153,7 +218,7 @@ def _fit_query(q, tokenizer, max_tokens: int):
     return Query(id=q.id, prompt=q.prompt, completion=tokenizer.decode(c[:room]))
 
 
-def _stride_scores(method: str) -> dict:
+def _stride_scores(method: str, L: Layout = DEMO) -> dict:
     """STRIDE (engine defaults, or an ablation variant): fit (one-off), then every query."""
     from stride_viz.evaluation.baselines import PeakRss
     from stride_viz.config import FitConfig, RecoveryConfig
@@ -163,13 +228,17 @@ def _stride_scores(method: str) -> dict:
 
     import hashlib
 
-    _, pool, queries, _ = open_inputs(GT_DIR)
-    lm = load_model(str(MODEL_DIR), device="cpu")
-    fit_over, rec_over = _variant(method)
+    _, pool, queries, _ = open_inputs(L.gt)
+    lm = load_model(str(L.model), device="cpu")
+    if L is DEMO:
+        fit_over, rec_over = _variant(method)
+    else:  # the general command: the committed defaults, unless --settings changed them
+        over = L.method_overrides().get("stride", {})
+        fit_over, rec_over = over.get("fit", {}), over.get("recovery", {})
     config, recovery = FitConfig(**fit_over), RecoveryConfig(**rec_over)
     # one run directory per fit setting: variants that change only the recovery share a fit
-    run_dir = RUN_DIR if not fit_over else RUN_DIR.with_name(
-        RUN_DIR.name + "-" + hashlib.sha1(json.dumps(fit_over, sort_keys=True).encode()).hexdigest()[:8])
+    run_dir = L.run if not fit_over else L.run.with_name(
+        L.run.name + "-" + hashlib.sha1(json.dumps(fit_over, sort_keys=True).encode()).hexdigest()[:8])
     queries = [_fit_query(q, lm.tokenizer, config.max_length) for q in queries]
     with PeakRss() as rss:
         t0 = time.perf_counter()
@@ -189,18 +258,18 @@ def _stride_scores(method: str) -> dict:
                          "note": "engine defaults (FitConfig(), RecoveryConfig()) + overrides"}}
 
 
-def _backprojection(queries) -> dict:
+def _backprojection(queries, L: Layout = DEMO) -> dict:
     """STRIDE's fast estimate (no Lasso): w_i = (1/d) sum_{k containing i} (y_k - mean y), read
     from the default run's attributions (run 'stride' first)."""
-    rows = [np.load(RUN_DIR / "attributions" / q.id / "backprojection.npy") for q in queries]
-    info = json.loads((SCORES / "stride.json").read_text())
+    rows = [np.load(L.run / "attributions" / q.id / "backprojection.npy") for q in queries]
+    info = json.loads((L.scores / "stride.json").read_text())
     return {"scores": np.stack(rows).astype(np.float32), "seconds_fit": info["seconds_fit"],
             "seconds_per_query": info["seconds_per_query"], "peak_rss_mb": info["peak_rss_mb"],
             "settings": {**info["settings"], "note": "back-projection of the default run's "
                          "responses instead of the Lasso (times: the default run's, an upper bound)"}}
 
 
-def run_one_method(method: str) -> None:
+def run_one_method(method: str, L: Layout = DEMO) -> None:
     """Worker (own process): compute one method's scores and save them."""
     import torch
 
@@ -208,30 +277,36 @@ def run_one_method(method: str) -> None:
     torch.manual_seed(TORCH_SEED)
     from stride_viz.evaluation.retrain import open_inputs
 
-    meta, pool, queries, _ = open_inputs(GT_DIR)
+    meta, pool, queries, _ = open_inputs(L.gt)
     if method == "stride:backprojection":
-        out = _backprojection(queries)
+        out = _backprojection(queries, L)
     elif method.startswith("stride"):
-        out = _stride_scores(method)
+        out = _stride_scores(method, L)
     else:
         from stride_viz.evaluation.baselines import run_method
         from stride_viz.data.models import load_model
 
-        lm = load_model(str(MODEL_DIR), device="cpu")
+        lm = load_model(str(L.model), device="cpu")
         # e.g. LDS_PEER_SETTINGS='{"if-arnoldi": {"precompute_data_ratio": 0.1}}'
         over = {**PEER_SETTINGS.get(method, {}),
-                **json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(method, {})}
+                **json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(method, {}),
+                **L.method_overrides().get(method, {})}
         res = run_method(method, lm.model, lm.tokenizer, pool, queries,
                          max_length=meta["recipe"]["max_length"], settings=over)
         out = {"scores": res.scores, **res.summary()}
         out["settings"] = {**out["settings"], "torch_seed": TORCH_SEED,
                            "differs_from_default_settings": over}
-    SCORES.mkdir(parents=True, exist_ok=True)
-    np.save(SCORES / f"{method}.npy", out.pop("scores"))
-    (SCORES / f"{method}.json").write_text(json.dumps(out, indent=1, default=str))
+    L.scores.mkdir(parents=True, exist_ok=True)
+    np.save(L.scores / f"{method}.npy", out.pop("scores"))
+    (L.scores / f"{method}.json").write_text(json.dumps(out, indent=1, default=str))
 
 
-def step_methods(methods, force: bool = False, timeout: float = 3600) -> None:
+def step_methods(methods, force: bool = False, timeout: float = 3600, L: Layout = DEMO,
+                 work: Optional[Path] = None) -> None:
+    """Each method in its own process (``--worker``); ``work``: the general command's --work
+    directory (None: the demo). A method's wall time (process start to scores saved) is added
+    to its .json as ``wall_seconds``."""
+    SCORES = L.scores
     for m in methods:
         if (SCORES / f"{m}.npy").exists() and not force:
             _log(f"{m}: scores exist, skipped")
@@ -239,8 +314,8 @@ def step_methods(methods, force: bool = False, timeout: float = 3600) -> None:
         _log(f"{m}: running")
         t0 = time.monotonic()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--worker", m], timeout=timeout,
-                                  capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--worker", m] + (["--work", str(work)] if work else [])
+            proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
             SCORES.mkdir(parents=True, exist_ok=True)
             (SCORES / f"{m}.failed").write_text(f"timeout: did not finish within {timeout:.0f} s\n")
@@ -262,10 +337,32 @@ def step_methods(methods, force: bool = False, timeout: float = 3600) -> None:
             _log(f"{m}: FAILED ({msg})")
         else:
             (SCORES / f"{m}.failed").unlink(missing_ok=True)
+            info = json.loads((SCORES / f"{m}.json").read_text())
+            info["wall_seconds"] = round(time.monotonic() - t0, 1)
+            (SCORES / f"{m}.json").write_text(json.dumps(info, indent=1, default=str))
             _log(f"{m}: done in {time.monotonic() - t0:.0f} s")
 
 
-def step_report() -> dict:
+def _ensure_split(gt_dir: Path) -> None:
+    """Write the development/test split into a ground truth's metadata if it lacks one (the
+    demo's was prepared before the split was recorded; the rule is the same)."""
+    path = gt_dir / "metadata.json"
+    meta = json.loads(path.read_text())
+    if "split" in meta:
+        return
+    meta["split"] = stats.split_metadata([q["id"] for q in meta["queries"]])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+    _log(f"recorded the development/test split in {path}")
+
+
+def step_report(committed_only: bool = False) -> dict:
+    """lds.json from the ground truth and the scores: the work folder's float32 scores (saved
+    to the committed .npz first), else the committed .npz; ``committed_only``: the committed
+    files alone (what a fresh clone holds; no method is run, the work folder is not read)."""
+    load_start = os.getloadavg()
+    _ensure_split(GT_DIR)
     gt = ev.read_ground_truth(GT_DIR)
     meta = gt.metadata
     queries = meta["queries"]
@@ -280,17 +377,18 @@ def step_report() -> dict:
     relevant = [[pool.index_of(s) for s in facts[queries[q]["id"]]] for q in fact_rows]
     heldout_rows = [q for q in range(len(queries)) if q not in set(fact_rows)]
     ids = [item["id"] for item in queries]
-    dev = ev.query_split(ids)
+    dev = stats.development_mask(meta)
     is_fact = np.isin(np.arange(len(queries)), fact_rows)
     groups = {"heldout": ~is_fact, "facts": is_fact}
     previous = _previous_methods()
-    methods = {}
+    previous_setting = _previous_report().get("setting", {})
+    methods, loaded = {}, {}
     variants = sorted({p.stem for ext in ("npy", "failed") for p in SCORES.glob(f"stride:*.{ext}")}
-                      if SCORES.exists() else [])
+                      if SCORES.exists() and not committed_only else [])
     for m in dict.fromkeys(list(ALL_METHODS) + variants + list(previous)):
         old, failed = previous.get(m), SCORES / f"{m}.failed"
         committed = COMMITTED_SCORES / f"{m.replace(':', '-')}.npz"
-        if (SCORES / f"{m}.npy").exists():
+        if (SCORES / f"{m}.npy").exists() and not committed_only:
             # LDS from the committed (16-bit) copy, so that the repository reproduces lds.json
             scores = ev.save_scores(committed, ev.load_scores(SCORES / f"{m}.npy", len(ids)), ids)
             info = json.loads((SCORES / f"{m}.json").read_text())
@@ -299,16 +397,17 @@ def step_report() -> dict:
             scores = ev.load_scores(committed, len(ids), ids)
             info = {k: old[k] for k in ("seconds_fit", "seconds_per_query", "peak_rss_mb", "settings")
                     if k in old}
-        elif failed.exists() and not (old and old["status"] == "ok"):
+        elif failed.exists() and not committed_only and not (old and old["status"] == "ok"):
             methods[m] = {"status": "failed", "error": failed.read_text().strip(),
                           "settings": _settings_of(m)}
             continue
         elif old:
-            methods[m] = _carried(old, failed)
+            methods[m] = _carried(old, None if committed_only else failed)
             continue
         else:
             continue
         res = ev.lds(scores, gt.train_subsets, gt.test_loss)
+        loaded[m] = scores
         methods[m] = {"status": "ok", **res.to_dict(),
                       "lds_mean_heldout": float(res.per_query[heldout_rows].mean()),
                       "lds_mean_facts": float(res.per_query[fact_rows].mean()),
@@ -329,6 +428,11 @@ def step_report() -> dict:
     for r in methods.values():
         if r["status"] == "ok" and "lds_mean_test" not in r:  # entries of earlier reports
             r.update(ev.split_means(r["lds_per_query"], dev, groups))
+    # the statistics of the methods (not of every ablation variant), on the test queries
+    _log("statistics (bootstrap over queries and over retrained subsets, Wilcoxon)")
+    for m, entry in method_statistics({m: s for m, s in loaded.items() if m in ALL_METHODS},
+                                      gt, dev, groups).items():
+        methods[m].update(entry)
     report = {
         "what": "Linear Datamodeling Score (Spearman, per query, between the sum of a method's "
                 "scores over a retrained subset and minus the query's loss under the model "
@@ -339,7 +443,8 @@ def step_report() -> dict:
                     "n_heldout_queries": len(heldout_rows), "n_subsets": len(gt.train_subsets),
                     "fraction": meta.get("fraction"), "recipe": meta["recipe"],
                     "loss": meta.get("loss"),
-                    "model_train_seconds": _read_float(MODEL_DIR / "train_seconds.txt"),
+                    "model_train_seconds": (_read_float(MODEL_DIR / "train_seconds.txt")
+                                            or previous_setting.get("model_train_seconds")),
                     "machine": "2 shared CPU cores, torch threads 1 per method",
                     "split": {"rule": "stride_viz.evaluation.metrics.query_split(query ids): settings "
                                       "are chosen on the development queries, results reported on "
@@ -348,6 +453,9 @@ def step_report() -> dict:
                               "n_dev_facts": int((dev & is_fact).sum()),
                               "n_test_facts": int((~dev & is_fact).sum())},
                     "query_group": ["facts" if f else "heldout" for f in is_fact]},
+        "command": _command(),
+        "machine_load": _machine(load_start),
+        "statistics": STATISTICS_DOC,
         "ground_truth": str(GT_DIR.relative_to(ROOT)),
         "scores": str(COMMITTED_SCORES.relative_to(ROOT)) + "/<method>.npz (metrics.load_scores)",
         "methods": methods,
@@ -428,12 +536,17 @@ def ablation_table(methods: dict, dev: np.ndarray) -> list[dict]:
     return sorted(rows, key=lambda row: -row["lds_mean_dev"])
 
 
-def _previous_methods() -> dict:
-    """The methods of the lds.json this run replaces (empty if there is none)."""
+def _previous_report() -> dict:
+    """The lds.json this run replaces (empty if there is none)."""
     try:
-        return json.loads((RESULTS / "lds.json").read_text()).get("methods", {})
+        return json.loads((RESULTS / "lds.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def _previous_methods() -> dict:
+    """The methods of the lds.json this run replaces (empty if there is none)."""
+    return _previous_report().get("methods", {})
 
 
 def _carried(old: dict, failed) -> dict:
@@ -486,10 +599,306 @@ def _plot(report: dict, test: np.ndarray) -> None:
     fig.write_html(RESULTS / "lds.html", include_plotlyjs="cdn")
 
 
+# ---------------------------------------------------------------------------------------------
+# statistics (stride_viz.evaluation.stats), on the test queries
+
+
+def method_statistics(scores: dict, gt, dev: np.ndarray, groups: dict, reference: str = "stride") -> dict:
+    """Per method, on the test queries: ``test`` (mean LDS with its 95% bootstrap intervals
+    over queries and over retrained subsets) and ``vs_stride`` (the paired difference to
+    ``reference``, its two intervals, the Wilcoxon p and the same by query group; absent for
+    the reference itself or without it). scores: name -> (n_queries, n_pool)."""
+    test = ~np.asarray(dev, dtype=bool)
+    target = -gt.test_loss.T[test]                     # (n_test, M')
+    member = gt.membership()
+    pred = {m: (np.asarray(s, dtype=np.float64)[test] @ member.T.astype(np.float64))
+            for m, s in scores.items()}
+    test_groups = {g: np.asarray(mask, dtype=bool)[test] for g, mask in groups.items()}
+    out = {}
+    for m, p in pred.items():
+        rho = stats.spearman_rows(p, target)
+        entry = {"test": stats.mean_summary(rho, p, target, N_BOOT, STATS_SEED)}
+        entry["test"]["groups"] = {g: float(rho[mask].mean()) for g, mask in test_groups.items() if mask.any()}
+        if reference in pred and m != reference:
+            entry["vs_stride"] = stats.paired_comparison(p, pred[reference], target, test_groups,
+                                                         N_BOOT, STATS_SEED)
+        out[m] = entry
+    return out
+
+
+STATISTICS_DOC = {
+    "split": "test",
+    "n_boot": N_BOOT, "seed": STATS_SEED, "level": 0.95,
+    "what": {
+        "test.mean": "mean LDS over the test queries",
+        "test.ci_queries": "95% percentile bootstrap interval of that mean, resampling the test queries",
+        "test.ci_subsets": "95% percentile bootstrap interval of that mean, resampling the retrained "
+                           "subsets and recomputing every query's Spearman rho",
+        "vs_stride.mean_difference": "mean over the test queries of (this method's LDS - STRIDE's LDS); "
+                                     "< 0: STRIDE is better",
+        "vs_stride.ci_queries / ci_subsets": "95% paired bootstrap intervals of that difference, over "
+                                             "queries / over retrained subsets (both methods on the same resample)",
+        "vs_stride.wilcoxon_p": "two-sided Wilcoxon signed-rank p-value of the per-query differences "
+                                "(scipy.stats.wilcoxon, zeros dropped)",
+        "vs_stride.groups": "the same on each query group (facts: planted-fact queries; heldout: "
+                            "held-out text)",
+    },
+    "code": "stride_viz.evaluation.stats",
+}
+
+
+def _machine(load_start) -> dict:
+    return {"cpu_cores": os.cpu_count(), "torch_threads_per_method": int(os.environ.get("LDS_THREADS", "1")),
+            "load_average_1_5_15_at_start": [round(x, 2) for x in load_start] if load_start else None,
+            "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "CPU only; the cores are shared with other work (see the load averages)"}
+
+
+def _command() -> str:
+    return "python benchmarks/lds.py " + shlex.join(sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# the general command: any pool, the committed defaults
+
+
+def _held_out_queries(pool, n: int, seed: int):
+    """(pool without n held-out rows, their queries + the pool's planted-fact queries): a
+    document of >= 6 words becomes prompt = its first three words, completion = the rest; a
+    prompt/completion pair is used as it is. Sources of planted facts are never held out."""
+    from stride_viz.data.pools import Query, fact_queries
+
+    sources = {s for f in pool.facts for s in f.source_ids}
+    cand = [i for i in range(len(pool)) if pool.ids[i] not in sources
+            and (pool.prompts[i] or len(pool.completions[i].split()) >= 6)]
+    if len(cand) < n:
+        raise SystemExit(f"lds.py: the pool has only {len(cand)} documents of 6 words or more to "
+                         f"hold out as queries (need {n}); give --queries QUERIES.jsonl instead.")
+    held = set(np.random.default_rng(seed).choice(cand, size=n, replace=False).tolist())
+    rest = pool.subset([i for i in range(len(pool)) if i not in held])
+    queries = []
+    for i in sorted(held):
+        if pool.prompts[i]:
+            queries.append(Query(id=f"heldout-{pool.ids[i]}", prompt=pool.prompts[i],
+                                 completion=pool.completions[i]))
+        else:
+            words = pool.completions[i].split(" ")
+            queries.append(Query(id=f"heldout-{pool.ids[i]}", prompt=" ".join(words[:3]),
+                                 completion=" " + " ".join(words[3:])))
+    return rest, queries + fact_queries(rest)
+
+
+def general_prepare(L: Layout, pool_spec: str, queries_path: Optional[str], retrains: int, seed: int,
+                    recipe: dict) -> None:
+    """The ground truth's inputs in L.gt, with the split and the query groups in its metadata;
+    a directory prepared with other inputs is refused (nothing in it is touched)."""
+    from stride_viz.data.models import train_tokenizer
+    from stride_viz.data.pools import PoolError, load_pool, load_queries
+    from stride_viz.evaluation.retrain import prepare
+
+    try:
+        pool = load_pool(pool_spec)
+        if queries_path:
+            queries = load_queries(queries_path)
+            source = f"{queries_path} (given)"
+        else:
+            pool, queries = _held_out_queries(pool, N_HELDOUT_GENERAL, seed)
+            source = (f"{N_HELDOUT_GENERAL} documents held out of the pool (seed {seed}; prompt = "
+                      f"first three words, completion = the rest) + the pool's planted-fact queries")
+    except PoolError as e:
+        raise SystemExit(f"lds.py: {e}")
+    bad = [q.id for q in queries if not q.completion]
+    if bad:
+        raise SystemExit(f"lds.py: query {bad[0]!r} has no completion; the ground truth scores a fixed "
+                         f"completion per query: add \"completion\" to every line of {queries_path}.")
+    if len(pool) < 10:
+        raise SystemExit(f"lds.py: the pool has {len(pool)} documents; the benchmark needs at least 10.")
+    facts = {f.query.id for f in pool.facts}
+    ids = [q.id for q in queries]
+    extra = {"split": stats.split_metadata(ids), "queries_source": source,
+             "query_group": ["facts" if q in facts else "heldout" for q in ids]}
+    meta_path = L.gt / "metadata.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        want = {"pool_hash": pool.hash, "queries": [[q.id, q.prompt, q.completion] for q in queries],
+                "n_subsets": retrains, "seed": seed, "recipe": {k: recipe[k] for k in RECIPE}}
+        have = {"pool_hash": old["pool"]["hash"], "queries": [[q["id"], q["prompt"], q["completion"]]
+                                                              for q in old["queries"]],
+                "n_subsets": old.get("n_subsets"), "seed": old.get("seed"),
+                "recipe": {k: old["recipe"].get(k) for k in RECIPE}}
+        diff = [k for k in want if want[k] != have[k]]
+        if diff:
+            raise SystemExit(f"lds.py: {L.gt} holds a ground truth built with other {', '.join(diff)}; "
+                             f"give another --work directory, or delete it to start over.")
+        _log(f"ground truth prepared already: {L.gt}")
+        return
+    tok = train_tokenizer([pool.text(i) for i in range(len(pool))], VOCAB)
+    prepare(L.gt, pool, queries, tok, recipe, n_subsets=retrains, fraction=FRACTION, seed=seed)
+    meta = json.loads(meta_path.read_text())
+    meta.update(extra)
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(meta_path)
+    _log(f"prepared {L.gt}: pool {len(pool)}, queries {len(queries)} "
+         f"({len(extra['split']['development'])} development, {len(extra['split']['test'])} test)")
+
+
+def _timings(work: Path) -> dict:
+    try:
+        return json.loads((work / "timings.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _add_timing(work: Path, step: str, seconds: float) -> None:
+    t = _timings(work)
+    t[step] = round(t.get(step, 0.0) + seconds, 1)
+    (work / "timings.json").write_text(json.dumps(t, indent=1))
+
+
+def general_report(L: Layout, out: Path, methods: list[str], work: Path, load_start=None) -> dict:
+    """RESULT.json of the general command from the ground truth and the scores in ``work``."""
+    gt = ev.read_ground_truth(L.gt)
+    meta = gt.metadata
+    ids = [q["id"] for q in meta["queries"]]
+    dev = stats.development_mask(meta)
+    group_of = meta.get("query_group") or ["heldout"] * len(ids)
+    groups = {g: np.array([x == g for x in group_of]) for g in ("heldout", "facts")}
+    groups = {g: m for g, m in groups.items() if m.any()}
+    entries, scores = {}, {}
+    for m in methods:
+        failed = L.scores / f"{m}.failed"
+        if (L.scores / f"{m}.npy").exists():
+            scores[m] = ev.load_scores(L.scores / f"{m}.npy", len(ids))
+            info = json.loads((L.scores / f"{m}.json").read_text())
+            res = ev.lds(scores[m], gt.train_subsets, gt.test_loss)
+            entries[m] = {"status": "ok", **res.to_dict(), **ev.split_means(res.per_query, dev, groups),
+                          "times": {"fit_s": info.get("seconds_fit"),
+                                    "per_query_s": info.get("seconds_per_query"),
+                                    "all_queries_s": (round(info["seconds_per_query"] * len(ids), 1)
+                                                      if info.get("seconds_per_query") is not None else None),
+                                    "process_wall_s": info.get("wall_seconds")},
+                          "peak_rss_mb": info.get("peak_rss_mb"), "settings": info.get("settings", {})}
+        elif failed.exists():
+            entries[m] = {"status": "failed", "error": failed.read_text().strip(),
+                          "settings": _settings_of(m)}
+    for m, st_ in method_statistics(scores, gt, dev, groups).items():
+        entries[m].update(st_)
+    t = _timings(work)
+    gt_seconds = sum(t.get(k, 0.0) for k in ("prepare_s", "model_s", "retrain_s"))
+    method_seconds = {m: e["times"]["process_wall_s"] for m, e in entries.items() if e["status"] == "ok"}
+    report = {
+        "what": "Linear Datamodeling Score on the test queries of a pool (see benchmarks/results/lds.json "
+                "for the definitions); every method ran with the project's committed defaults, "
+                "nothing tuned on this pool.",
+        "command": _command(),
+        "machine": _machine(load_start),
+        "setting": {"pool": meta["pool"], "queries": meta.get("queries_source"), "n_queries": len(ids),
+                    "n_subsets": len(gt.train_subsets), "fraction": meta.get("fraction"),
+                    "seed": meta.get("seed"), "recipe": meta["recipe"], "loss": meta.get("loss"),
+                    "split": {"rule": stats.SPLIT_RULE, "n_dev": int(dev.sum()), "n_test": int((~dev).sum())},
+                    "query_group": group_of,
+                    "overrides": L.method_overrides() or None},
+        "ground_truth": str(L.gt),
+        "scores": str(L.scores) + "/<method>.npy (float32)",
+        "statistics": STATISTICS_DOC,
+        "methods": entries,
+        "timings": {"ground_truth_s": round(gt_seconds, 1), "ground_truth_steps_s": t,
+                    "methods_s": method_seconds,
+                    "total_s": round(gt_seconds + sum(v or 0.0 for v in method_seconds.values()), 1),
+                    "note": "wall seconds summed over every invocation of the command on this --work "
+                            "directory (a resumed run adds up); methods_s: each method's process"},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    _log(f"wrote {out} (total {report['timings']['total_s']:.0f} s: ground truth {gt_seconds:.0f} s, "
+         + ", ".join(f"{m} {s:.0f} s" for m, s in method_seconds.items() if s is not None) + ")")
+    for m, e in entries.items():
+        if e["status"] != "ok":
+            _log(f"{m:8s} FAILED: {e['error']}")
+            continue
+        line = (f"{m:8s} LDS test {e['test']['mean']:+.3f} [{e['test']['ci_queries'][0]:+.3f}, "
+                f"{e['test']['ci_queries'][1]:+.3f}]")
+        if "vs_stride" in e:
+            v = e["vs_stride"]
+            line += (f"  minus STRIDE {v['mean_difference']:+.3f} queries [{v['ci_queries'][0]:+.3f}, "
+                     f"{v['ci_queries'][1]:+.3f}] subsets [{v['ci_subsets'][0]:+.3f}, "
+                     f"{v['ci_subsets'][1]:+.3f}] Wilcoxon p {v['wilcoxon_p']:.3g}")
+        _log(line)
+    return report
+
+
+def run_general(a) -> None:
+    """The general command (--pool given)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("LDS_THREADS", "1")))
+    load_start = os.getloadavg()
+    if not a.work:
+        raise SystemExit("lds.py: --pool needs --work DIR (where the ground truth, the model and the "
+                         "scores go).")
+    work = Path(a.work)
+    out = Path(a.out) if a.out else work / "lds.json"
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in methods if m not in GENERAL_METHODS]
+    if unknown or not methods:
+        raise SystemExit(f"lds.py: unknown method(s) {unknown}; choose from {', '.join(GENERAL_METHODS)}.")
+    if a.retrains < 3:
+        raise SystemExit(f"lds.py: --retrains must be >= 3 (LDS ranks the retrained subsets); got {a.retrains}.")
+    try:
+        recipe = {**RECIPE, **json.loads(a.recipe)}
+        overrides = json.loads(a.settings)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"lds.py: --recipe and --settings must be JSON objects ({e}).")
+    bad = sorted(set(recipe) - set(RECIPE))
+    if bad or not isinstance(overrides, dict):
+        raise SystemExit(f"lds.py: unknown recipe key(s) {bad}; known: {', '.join(RECIPE)}."
+                         if bad else "lds.py: --settings must be a JSON object {method: settings}.")
+    L = work_layout(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if L.method_overrides() != overrides and any((L.scores / f"{m}.npy").exists() for m in methods) \
+            and not a.force and not a.stats_only:
+        raise SystemExit(f"lds.py: {work} holds scores computed with --settings "
+                         f"{json.dumps(L.method_overrides())}; give the same, or --force to recompute.")
+    if not a.stats_only:
+        L.overrides.write_text(json.dumps(overrides, indent=1))
+        t0 = time.monotonic()
+        general_prepare(L, a.pool, a.queries, a.retrains, a.seed, recipe)
+        _add_timing(work, "prepare_s", time.monotonic() - t0)
+        t0 = time.monotonic()
+        step_model(L)
+        _add_timing(work, "model_s", time.monotonic() - t0)
+        t0 = time.monotonic()
+        step_retrain(L)
+        _add_timing(work, "retrain_s", time.monotonic() - t0)
+        step_methods(methods, a.force, a.timeout, L, work)
+    elif not (L.gt / "metadata.json").exists():
+        raise SystemExit(f"lds.py: {work} holds no ground truth yet; run without --stats-only first.")
+    general_report(L, out, methods, work, load_start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", default="prepare,model,retrain,methods,report")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    g = ap.add_argument_group("any pool (the general command; --pool selects it)")
+    g.add_argument("--pool", help="a pool spec (file, datasets folder or built-in name)")
+    g.add_argument("--queries", help="QUERIES.jsonl: one {\"prompt\", \"completion\", \"id\"} per line; "
+                                     f"default: {N_HELDOUT_GENERAL} documents held out of the pool")
+    g.add_argument("--retrains", type=int, default=32, help="models retrained on random 30%% subsets (default 32)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the subsets and of the held-out queries")
+    g.add_argument("--work", help="directory of the ground truth, model and scores (resumable)")
+    g.add_argument("--out", help="RESULT.json (default WORK/lds.json)")
+    g.add_argument("--recipe", default="{}", help="JSON overriding RECIPE keys (tests use a tiny one; "
+                                                  "the committed results use none)")
+    g.add_argument("--settings", default="{}",
+                   help='JSON {method: settings} differing from the committed defaults, e.g. '
+                        '\'{"stride": {"fit": {"subsets": 64}}}\' (recorded in RESULT.json; tests only)')
+    ap.add_argument("--steps", default="prepare,model,retrain,methods,report", help="the demo's steps")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated (demo default: all of {','.join(ALL_METHODS)}; "
+                         f"--pool default: stride,ekfac,tfidf)")
+    ap.add_argument("--stats-only", action="store_true",
+                    help="only the report and its statistics, from the ground truth and the scores "
+                         "on disk (demo: the committed files only); runs no method")
     ap.add_argument("--force", action="store_true", help="recompute method scores that exist")
     ap.add_argument("--timeout", type=float, default=3600,
                     help="seconds one method may run before it is recorded as failed (default 3600)")
@@ -499,7 +908,17 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        run_one_method(a.worker)
+        run_one_method(a.worker, work_layout(Path(a.work)) if a.work else DEMO)
+        return
+    if a.pool:
+        a.methods = a.methods or "stride,ekfac,tfidf"
+        run_general(a)
+        return
+    if a.queries or a.work or a.out:
+        ap.error("--queries, --work and --out belong to the general command: give --pool too")
+    a.methods = a.methods or ",".join(ALL_METHODS)
+    if a.stats_only:
+        step_report(committed_only=True)
         return
     steps = a.steps.split(",")
     registered = json.loads(VARIANTS.read_text()) if VARIANTS.exists() else {}

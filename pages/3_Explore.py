@@ -31,7 +31,10 @@ if not all_runs:
     st.page_link("pages/1_Launch.py", label="Go to Launch", icon=":material/rocket_launch:")
     st.stop()
 
-ui.init_from_url({"run": "explore_run", "query": "explore_query", "example": "explore_example"})
+# a link naming a token that this page did not write itself opens the token view on it
+_linked_token = st.query_params.get("token") not in (None, st.session_state.get("_url_seen", {}).get("token"))
+ui.init_from_url({"run": "explore_run", "query": "explore_query", "example": "explore_example",
+                  "token": "explore_token"})
 by_name = {r.name: r for r in all_runs}
 goto = st.session_state.pop("_explore_goto", None)   # a prompt just explained: show it
 if goto and goto["run"] in by_name:
@@ -287,6 +290,127 @@ if sel is not None:
                     f"{float(q.backprojection[sel]):+.3g} nats.")
         st.text(texts[sel])
 
+# ----------------------------------------------------------------------------- token by token
+# Each completion token's own proponents and opponents (tokens.npz: stride_viz/method/tokens.py;
+# helpers and figures: stride_viz/app/tokens.py). The URL keeps the selected token (&token=3).
+from stride_viz.app import tokens as token_views  # noqa: E402
+from stride_viz.integrity import RunDamaged  # noqa: E402
+from stride_viz.method.tokens import TOKENS_FILE, first_word_token  # noqa: E402
+
+st.subheader("Token by token")
+st.markdown(token_views.TOKEN_NOTE, unsafe_allow_html=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _token_scores(path: str, query_id: str, stamp: float):
+    return token_views.read_tokens(path, query_id)
+
+
+_tok_file = RunStore(run_dir).attribution_dir(q.id) / TOKENS_FILE
+_tokens = q.info["tokens"]
+try:
+    tok = _token_scores(run_dir, q.id, _tok_file.stat().st_mtime if _tok_file.exists() else 0.0)
+    if tok is not None and tok.n_tokens != len(_tokens):
+        raise RunDamaged(_tok_file, f"is damaged ({tok.n_tokens} tokens, the query has {len(_tokens)})",
+                         RunStore(run_dir).attribution_fix(q.id))
+except RunDamaged as e:
+    tok = None
+    st.error(ui.md(e))
+_tok_job = st.session_state.get("_explore_writing", {}).get(q.id)
+
+
+def _tokens_coming(job_id: Optional[int]) -> bool:
+    """Whether the run's explainer is still to write this prompt's per-token scores (it does so
+    after the job's continuations, when no other request waits)."""
+    if job_id is None:
+        return False
+    job = ui.executor().store.get(job_id)
+    return job.active or (job.state == "done" and job.result.get("per_token") == "following"
+                          and explainer.explainer_record(ui.executor().store, run_dir) is not None)
+
+
+def _tokens_shown() -> bool:
+    """The token view is off by default (the page then draws its three main charts only); a
+    link naming a token (&token=N) turns it on."""
+    if _linked_token:
+        st.session_state["explore_tokens_on"] = True
+    return st.toggle("Show each token's own proponents", key="explore_tokens_on",
+                     help="Each completion token's own proponents and opponents, next to the whole "
+                          "completion's. A link with &token=N opens this view on token N.")
+
+
+if tok is None and _tokens_coming(_tok_job):
+    @st.fragment(run_every=1.0)
+    def _await_tokens() -> None:
+        """A prompt just explained: its explainer adds the per-token scores after the scores."""
+        if _tok_file.exists() or not _tokens_coming(_tok_job):
+            st.rerun()
+        st.caption("The run's explainer is computing each token's own scores (one recovery per token); "
+                   "they appear here in a moment.")
+
+    _await_tokens()
+elif tok is None:
+    st.info("This attribution has no per-token scores: it was made before they existed, or without "
+            "`--per-token`. Add them (the other results of the query are kept) with:")
+    st.code(token_views.tokens_command(run_dir, q.id), language="bash")
+elif not _tokens_shown():
+    ui.set_url(token=None)
+else:
+    # the token from the link or the last view; another query shown starts at its first word
+    last = st.session_state.get("_explore_token_for")
+    raw = st.session_state.get("explore_token")
+    if raw is None and last is not None and last[0] == q.id:
+        raw = last[1]                               # the selected pill clicked again: keep it
+    elif last is not None and last[0] != q.id and raw == last[1]:
+        raw = None
+    try:
+        t_sel = int(raw)
+    except (TypeError, ValueError):
+        t_sel = -1
+    if not 0 <= t_sel < len(_tokens):
+        t_sel = first_word_token(_tokens)
+    st.session_state["explore_token"] = t_sel
+    st.pills("Completion token", list(range(len(_tokens))), key="explore_token",
+             format_func=lambda t: ui.md(token_views.token_label(_tokens[t])),
+             help="Click a token of the completion to see the training examples that help or hurt that "
+                  "token alone (␣ marks a space).")
+    st.session_state["_explore_token_for"] = (q.id, t_sel)
+    ui.set_url(token=t_sel)
+    tok_scores = tok.token_scores(t_sel)
+    summ = token_views.token_summary(tok, t_sel, q.scores, top_n)
+    st.markdown(f"**Token {t_sel}** {ui.md_code(token_views.token_label(_tokens[t_sel]))}: base loss "
+                f"{float(q.info['token_loss'][t_sel]):.3f} nats; {summ['helps']} examples help and {summ['hurts']} "
+                f"hurt this token at its own chosen λ (λ/λ_max = {summ['ratio']:.3g}). {summ['shared_top']} of the "
+                f"whole completion's top {summ['whole_top']} proponents are among this token's top {top_n}.")
+    if marked:
+        r_tok, r_whole = (token_views.source_rank(x, sorted(marked)) for x in (tok_scores, q.scores))
+        st.markdown(f"**Planted fact check:** the best-ranked known source document is "
+                    + (f"**#{r_tok}** for this token" if r_tok else "**not a proponent** of this token")
+                    + (f", #{r_whole} for the whole completion." if r_whole else
+                       ", not a proponent of the whole completion.")
+                    + " An answer word should point at the fact's documents; a function word need not.")
+    c_tok, c_whole = st.columns(2)
+    c_tok.plotly_chart(token_views.token_top_figure(ids, tok_scores, texts, _tokens[t_sel], index=t_sel,
+                                                    top=top_n, selected=sel, marked=marked),
+                       key="explore_token_chart", on_select=lambda: _pick_example("explore_token_chart"),
+                       selection_mode="points", config=plots.PLOTLY_CONFIG, width="stretch")
+    c_whole.plotly_chart(plots.top_examples_figure(ids, q.scores, texts, top=top_n, selected=sel, marked=marked,
+                                                   title="Whole completion"),
+                         key="explore_token_whole_chart", on_select=lambda: _pick_example("explore_token_whole_chart"),
+                         selection_mode="points", config=plots.PLOTLY_CONFIG, width="stretch")
+    st.dataframe(token_views.token_table(pool, tok_scores, q.scores, sources).drop(columns=["row"]),
+                 key="explore_token_table", hide_index=True, width="stretch", height=220,
+                 column_config={"token_score_nats": st.column_config.NumberColumn(
+                                    "token score (nats)", format="%+.4g",
+                                    help="nats of this token's loss; > 0 helps, < 0 hurts"),
+                                "whole_score_nats": st.column_config.NumberColumn(
+                                    "whole-completion score (nats)", format="%+.4g",
+                                    help="nats of mean per-token loss of the whole completion")})
+    with st.expander("All tokens at once"):
+        st.plotly_chart(token_views.token_matrix_figure(ids, _tokens, tok, q.scores, selected_token=t_sel,
+                                                        marked=marked),
+                        key="explore_token_matrix", config=plots.PLOTLY_CONFIG, width="stretch")
+
 # ----------------------------------------------------------------------------- sparsity path
 st.subheader("Sparsity path")
 rc = {**RecoveryConfig().to_dict(), **(q.meta.get("recovery_config") or {})}
@@ -369,6 +493,11 @@ with s_:
                 st.error(str(e))
         if st.session_state.get(job_key) is not None:
             ui.live_job(st.session_state[job_key], key="explore_cont")
+
+# ----------------------------------------------------------------------------- verify by retraining
+from stride_viz.app import verify_panel  # noqa: E402  (the panel and its job: stride_viz/app/verify_panel.py)
+
+verify_panel.render(run_dir, q.id)
 
 # ----------------------------------------------------------------------------- report
 st.subheader("Share")

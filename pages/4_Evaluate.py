@@ -14,6 +14,7 @@ import streamlit as st
 
 from stride_viz.app import eval_plots, plots, ui
 from stride_viz.evaluation import metrics as evaluation
+from stride_viz.evaluation import stats as evstats
 from stride_viz.data.models import data_home
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,11 @@ except evaluation.GroundTruthError as e:
 meta = gt.metadata
 queries = meta["queries"]
 query_ids = tuple(q["id"] for q in queries)
-dev = evaluation.query_split(query_ids)
+try:  # the development/test split fixed in the ground truth's metadata
+    dev = evstats.development_mask(meta)
+except evaluation.GroundTruthError as e:
+    st.error(f"This ground truth's split cannot be read: {e}")
+    st.stop()
 with st.sidebar:
     split = st.radio("Queries", SPLITS, key="eval_split", horizontal=True,
                      help="A fixed half of the queries (chosen by a hash of each id, "
@@ -258,6 +263,35 @@ if show_variants and report and report.get("ablation"):
                                 "± stderr": st.column_config.NumberColumn(format="%.3f"),
                                 "one-off (s)": st.column_config.NumberColumn(format="%.1f"),
                                 "per query (s)": st.column_config.NumberColumn(format="%.4f")})
+
+stat_rows = {m: r for m, r in (report or {}).get("methods", {}).items()
+             if r.get("status") == "ok" and r.get("test") and not m.startswith("stride:")}
+if stat_rows:
+    sdoc = report.get("statistics", {})
+    st.subheader("How sure are the differences? (test queries)")
+    n_test = next(iter(stat_rows.values()))["test"]["n_queries"]
+    st.markdown(
+        f"Statistics of the **{n_test} test queries** (whatever the sidebar shows), as the "
+        f"report recorded them from its ground truth and scores "
+        f"({ui.md_code(report.get('command', 'python benchmarks/lds.py'))}; "
+        f"{len(gt.train_subsets)} retrained subsets now on disk). "
+        "**LDS (test)**: mean LDS over the test queries. **minus STRIDE**: mean over the test queries "
+        "of the method's LDS minus STRIDE's on the same query (below 0: STRIDE is better). "
+        "**95% CI, queries**: percentile interval of "
+        f"{sdoc.get('n_boot', '?')} paired bootstrap resamples of the queries; **95% CI, subsets**: the same, "
+        "resampling the retrained models instead (every query's Spearman ρ recomputed on each "
+        "resample): how much the number depends on which subsets happened to be retrained. "
+        "**Wilcoxon p**: two-sided Wilcoxon signed-rank test of the per-query differences (small: "
+        "the difference is unlikely to be chance). The group columns repeat this on the planted-fact "
+        "queries and on the held-out text.")
+    st.plotly_chart(eval_plots.difference_figure(stat_rows), width="stretch", key="eval_diff",
+                    config=plots.PLOTLY_CONFIG)
+    sframe = eval_plots.stats_frame(stat_rows)
+    fmt = {c: st.column_config.NumberColumn(format="%+.3f") for c in sframe.columns
+           if c.startswith("LDS") or c.startswith("minus STRIDE")}
+    fmt.update({c: st.column_config.NumberColumn(format="%.2g") for c in sframe.columns
+                if c.startswith("Wilcoxon p")})
+    st.dataframe(sframe, hide_index=True, width="stretch", key="eval_stats", column_config=fmt)
 
 # ----------------------------------------------------------------------------- one query
 st.subheader("One query: predicted effect vs. retrained loss")

@@ -96,11 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--queries", help="JSONL file: prompt, optional completion and id per line")
     src.add_argument("--prompt", help="one query prompt")
+    src.add_argument("--query-id", action="append", dest="query_id", metavar="ID",
+                     help="a query this run has explained already, by id (repeatable): with --per-token, "
+                          "adds its per-token scores and keeps the rest of its attribution")
     a.add_argument("--completion", help="the completion to explain (default: the model's greedy continuation)")
     a.add_argument("--out", required=True, help="folder for scores.npy, responses.npy, topk.csv, paths/")
     a.add_argument("--top", type=int, default=10, help="examples per sign in topk.csv (default: 10)")
     a.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     a.add_argument("--no-continuations", action="store_true", help="skip the base/steered continuations")
+    a.add_argument("--per-token", action="store_true",
+                   help="also score the training examples for each completion token on its own (one "
+                        "recovery per token; tokens.npz in the run, topk_tokens.csv and tokens/ in --out)")
     _add_config_flags(a, RecoveryConfig, _RECOVERY_FLAGS)
 
     d = sub.add_parser("demo", help="built-in model + fortunes+facts pool, fitted and explained end to end")
@@ -108,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run", default=None, help="run directory (default: under $STRIDE_VIZ_HOME/runs)")
     d.add_argument("--queries", type=int, default=None, help="explain only the first N fact queries")
     _add_config_flags(d, FitConfig, _FIT_FLAGS)
+
+    from stride_viz.downstream.audit import AuditConfig
+    au = sub.add_parser("audit", help="contamination audit: flag pool documents whose scores are extreme "
+                                      "across a benchmark's queries")
+    au.add_argument("--run", "--run-dir", dest="run", required=True, help="a fitted run directory")
+    au.add_argument("--queries", required=True, help="the benchmark: JSONL with prompt, completion (optional) "
+                                                    "and id (optional) per line")
+    au.add_argument("--out", required=True, help="new folder for audit.json, flagged.csv, scores.npy, statistic.npy")
+    au.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    _add_config_flags(au, AuditConfig, [f.name for f in dataclasses.fields(AuditConfig)])
+    _add_config_flags(au, RecoveryConfig, _RECOVERY_FLAGS)
+
+    s = sub.add_parser("select", help="data selection: rank the pool by influence on a target set, keep a budget")
+    s.add_argument("--run", "--run-dir", dest="run", required=True, help="a fitted run directory")
+    s.add_argument("--queries", required=True, help="target examples: JSONL/CSV/TXT with 'text', or 'prompt' "
+                                                   "and 'completion' (optional 'id')")
+    s.add_argument("--budget", required=True, help="examples to keep: a number (200), a fraction (0.1) or a "
+                                                  "percentage (10%%)")
+    s.add_argument("--out", required=True, help="selection file (.jsonl); a .summary.json is written next to it")
+    s.add_argument("--aggregate", default="mean", choices=["mean", "positive-sum", "backprojection"],
+                   help="how each example's scores over the targets are combined (default: mean)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    _add_config_flags(s, RecoveryConfig, _RECOVERY_FLAGS)
     return p
 
 
@@ -204,13 +233,68 @@ def _attribute(args: argparse.Namespace) -> None:
     if args.top < 1:
         raise ConfigError(f"--top must be at least 1. Got {args.top} instead.")
     recovery = _config_from(args, RecoveryConfig, _RECOVERY_FLAGS)
-    queries = _queries_from(args)
-    run = Stride.open(args.run, device=args.device)
-    attributions = run.attribute(queries, recovery, progress=print_progress,
-                                 continuations=not args.no_continuations)
+    if args.query_id:
+        if not args.per_token:
+            raise ConfigError("--query-id adds per-token scores to queries this run has explained: give "
+                              "--per-token too (to explain a new query, use --prompt or --queries).")
+        attributions, run = _add_tokens(args)
+    else:
+        queries = _queries_from(args)
+        run = Stride.open(args.run, device=args.device)
+        attributions = run.attribute(queries, recovery, progress=print_progress,
+                                     continuations=not args.no_continuations, per_token=args.per_token)
     write_outputs(Path(args.out), run, attributions, args.top)
     _print_top(run, attributions, min(args.top, 5))
-    print(f"wrote {args.out}/scores.npy, responses.npy, topk.csv, paths/")
+    if args.per_token:
+        write_token_outputs(Path(args.out), run, attributions, args.top)
+        _print_token_top(run, attributions, 3)
+    print(f"wrote {args.out}/scores.npy, responses.npy, topk.csv, paths/"
+          + (", topk_tokens.csv, tokens/" if args.per_token else ""))
+
+
+def _add_tokens(args: argparse.Namespace):
+    """``attribute --query-id ID --per-token``: per-token scores for explained queries."""
+    from stride_viz.engine import Stride
+    from stride_viz.storage import RunStore
+    known = RunStore(args.run).query_ids()
+    missing = [i for i in args.query_id if i not in known]
+    if missing:
+        raise ConfigError(f"The run {args.run} has no attribution for --query-id "
+                          f"{', '.join(map(repr, missing))}; its queries: "
+                          f"{', '.join(known[:10]) or 'none'}{' ...' if len(known) > 10 else ''}.")
+    run = Stride.open(args.run, device=args.device)
+    out = []
+    for n, query_id in enumerate(dict.fromkeys(args.query_id)):
+        out.append(run.attribute_tokens(query_id))
+        print_progress("tokens", (n + 1) / len(args.query_id), None, f"per-token scores of {query_id}")
+    return out, run
+
+
+def write_token_outputs(out: Path, run, attributions, top: int) -> None:
+    """topk_tokens.csv (query_id, token_index, token, rank, example_id, score, text; score in
+    nats of that token's loss) and tokens/<query>.npz (each query's tokens.npz)."""
+    (out / "tokens").mkdir(parents=True, exist_ok=True)
+    pool = run.pool
+    with open(out / "topk_tokens.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["query_id", "token_index", "token", "rank", "example_id", "score", "text"])
+        for a in attributions:
+            (out / "tokens" / f"{a.folder.name}.npz").write_bytes((a.folder / "tokens.npz").read_bytes())
+            for t, token in enumerate(a.info["tokens"]):
+                row = a.tokens.token_scores(t)
+                for sign in (1, -1):
+                    for rank, i in enumerate(a.tokens.top(t, top, sign), start=1):
+                        w.writerow([a.query.id, t, token, sign * rank, pool.ids[i], f"{row[i]:.6g}", pool.text(i)])
+
+
+def _print_token_top(run, attributions, n: int) -> None:
+    print("\nper token: score = nats of that token's loss removed by training on the example")
+    for a in attributions:
+        print(f"query {a.query.id}:")
+        for t, token in enumerate(a.info["tokens"]):
+            row = a.tokens.token_scores(t)
+            best = ", ".join(f"{run.pool.ids[i]} {row[i]:+.3f}" for i in a.tokens.top(t, n, 1))
+            print(f"  token {t} {token!r}: {best or 'no proponent at its chosen lambda'}")
 
 
 def _print_top(run, attributions, n: int) -> None:
@@ -222,6 +306,32 @@ def _print_top(run, attributions, n: int) -> None:
             if a.scores[i] <= 0:
                 break
             print(f"  +{a.scores[i]:.4f}  {run.pool.ids[i]:>16}  {run.pool.text(i)[:80]!r}")
+
+
+def _select(args: argparse.Namespace) -> None:
+    from stride_viz.downstream.select import run_select
+    summary = run_select(args.run, args.queries, args.budget, args.out, args.aggregate,
+                         _config_from(args, RecoveryConfig, _RECOVERY_FLAGS), device=args.device,
+                         progress=print_progress)
+    print(f"kept {summary['budget']} of {summary['n_pool']} examples ({summary['aggregate']}); wrote "
+          f"{args.out} and {Path(summary['summary_file']).name}")
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from stride_viz.data.pools import load_queries
+    from stride_viz.downstream.audit import AuditConfig, run_audit
+    config = _config_from(args, AuditConfig, [f.name for f in dataclasses.fields(AuditConfig)])
+    recovery = _config_from(args, RecoveryConfig, _RECOVERY_FLAGS)
+    result = run_audit(args.run, load_queries(args.queries), args.out, config, recovery, device=args.device,
+                       progress=print_progress, name=Path(args.queries).name)
+    print(f"{len(result.flagged)} of {len(result.statistic)} documents flagged "
+          f"(statistic {config.statistic}, outlier z >= {config.threshold:g}):")
+    for d in result.documents[:10]:
+        if d["flagged"]:
+            e = d["evidence"][0]
+            print(f"  #{d['rank']} {d['id']}: score {e['score']:+.4g} (z {e['z']:.1f}) on query {e['query_id']} (rank {e['rank']}, "
+                  f"{e['overlap']['share']:.0%} of its words)  {d['text'][:60]!r}")
+    print(f"wrote {args.out}/audit.json, flagged.csv, scores.npy, statistic.npy")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -247,7 +357,7 @@ def _user_errors() -> tuple[type, ...]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"train-model": _train_model, "fit": _fit, "attribute": _attribute,
-               "demo": _demo}[args.command]
+               "demo": _demo, "select": _select, "audit": _audit}[args.command]
     try:
         command(args)
     except Cancelled as e:

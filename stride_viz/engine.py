@@ -22,14 +22,16 @@ import numpy as np
 import torch
 
 from stride_viz.config import ConfigError, FitConfig, RecoveryConfig
-from stride_viz.method.measurement import QueryResponses, generate, measure
+from stride_viz.method.measurement import QueryResponses, generate, generate_many, measure
 from stride_viz.data.models import LoadedModel, load_model, resolve_device
 from stride_viz.method import distributed
+from stride_viz.method.allocator import keep_freed_memory
 from stride_viz.method.frozen import FrozenLM
 from stride_viz.method.operators import SteeringOperators
 from stride_viz.data.pools import Pool, Query
 from stride_viz.progress import StageTimer, no_progress
 from stride_viz.method.recovery import Recoverer, Recovery, load_recovery, save_recovery
+from stride_viz.method.tokens import TOKENS_FILE, TokenRecovery, load_tokens, recover_tokens, save_tokens
 from stride_viz.integrity import RunDamaged, read_checked, set_aside, warn
 from stride_viz.runlock import run_lock
 from stride_viz.storage import RunMismatch, RunStore, read_json, write_json
@@ -45,6 +47,7 @@ _PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "scipy", "scikit-le
 GENERATED_TOKENS = 24          # bound of a generated query completion
 CONTINUATION_TOKENS = 32       # length of base/steered continuations shown in the app
 CONTINUATION_OPERATORS = 3     # most and least responsive operators continued by the job
+CONTINUATION_BATCH = 8         # queries whose continuations are generated in one batch
 
 
 class QueryError(ValueError):
@@ -72,6 +75,8 @@ class Attribution:
     scores: float32 (n,), nats of mean per-token completion loss; > 0 means training example i
     helps (lowers the loss: a proponent), < 0 means it hurts (an opponent).
     responses: float32 (K,), Loss_base - Loss_k in nats.
+    tokens: each completion token's own scores (nats of that token's loss; see
+    :mod:`stride_viz.method.tokens`), or None when the attribution was made without them.
     """
 
     query: Query
@@ -79,6 +84,7 @@ class Attribution:
     recovery: Recovery
     info: dict
     folder: Path
+    tokens: Optional[TokenRecovery] = None
 
     @property
     def scores(self) -> np.ndarray:
@@ -107,6 +113,7 @@ class Stride:
 
     def __init__(self, store: RunStore, model: LoadedModel, pool: Pool, config: FitConfig) -> None:
         self.store, self.model, self.pool, self.config = store, model, pool, config
+        keep_freed_memory()               # large per-step tensors: no page faults each step
         self.lm = FrozenLM(model.model, config.layer)
         distributed.init(self.lm.device)  # joins a torchrun launch; nothing for one process
         self._operators: Optional[SteeringOperators] = None
@@ -315,9 +322,11 @@ class Stride:
 
     def attribute(self, queries: Sequence[Query], recovery: RecoveryConfig = RecoveryConfig(),
                   progress: Callable[..., None] = no_progress,
-                  continuations: bool = True) -> list["Attribution"]:
+                  continuations: bool = True, per_token: bool = False) -> list["Attribution"]:
         """Explain each query: generate a missing completion, measure the K responses, recover
-        the scores, and write everything under ``attributions/<query id>/``."""
+        the scores, and write everything under ``attributions/<query id>/``. ``per_token``:
+        also recover each completion token's own scores (tokens.npz, one recovery per token;
+        see :mod:`stride_viz.method.tokens`)."""
         ops = self.operators
         ids = [q.id for q in queries]
         if len(set(ids)) != len(ids):
@@ -330,7 +339,7 @@ class Stride:
             elif not q.prompt:
                 raise QueryError(f"Query {q.id!r} has neither a prompt nor a completion.")
         timer = StageTimer("attribute", len(queries), progress, min_interval=0.0)
-        results = []
+        results, pending = [], []
         for done, q in enumerate(queries):
             t0 = time.monotonic()
             q, generated = self._complete(q)
@@ -339,13 +348,24 @@ class Stride:
             t1 = time.monotonic()
             rec = self.recoverer(recovery).recover(measured.responses)
             t2 = time.monotonic()
-            results.append(self._write(q, generated, measured, rec, recovery, t1 - t0, t2 - t1,
-                                       continuations))
+            tokens = self._recover_tokens(measured, rec, recovery) if per_token else None
+            pending.append((q, generated, measured, rec, t1 - t0, t2 - t1, tokens))
+            # continuations of up to CONTINUATION_BATCH queries share one generation batch
+            # (one model pass per new token for all of them); each group is written before
+            # the next is measured, so a stop loses at most one group
+            if not continuations or len(pending) == CONTINUATION_BATCH or done == len(queries) - 1:
+                texts = self._continuations([(p[0], p[2].responses) for p in pending]) if continuations \
+                    else [None] * len(pending)
+                for (q_, gen_, meas_, rec_, s_resp, s_rec, tok_), cont in zip(pending, texts):
+                    results.append(self._write(q_, gen_, meas_, rec_, recovery, s_resp, s_rec, cont, tok_))
+                pending = []
             timer.update(done + 1, f"explained {q.id}")
         return results
 
     def _write(self, q: Query, generated: bool, measured: QueryResponses, rec: Recovery,
-               recovery: RecoveryConfig, s_resp: float, s_rec: float, continuations: bool) -> "Attribution":
+               recovery: RecoveryConfig, s_resp: float, s_rec: float,
+               continuations: Optional[dict],
+               tokens: Optional[tuple[TokenRecovery, float]] = None) -> "Attribution":
         tok = self.model.tokenizer
         info = {"id": q.id, "prompt": q.prompt, "completion": q.completion,
                 "completion_generated": generated,
@@ -357,26 +377,84 @@ class Stride:
             write_json(folder / "query.json", info)
             np.save(folder / "responses.npy", measured.responses.astype(np.float32))
             save_recovery(rec, folder)
-            if continuations:
-                self._write_continuations(q, measured.responses, folder)
+            if tokens is not None:
+                save_tokens(tokens[0], folder)
+            if continuations is not None:
+                write_json(folder / "continuations.json", continuations)
             write_json(folder / "meta.json", {"seconds_responses": s_resp, "seconds_recovery": s_rec,
+                                              **({"seconds_tokens": tokens[1]} if tokens else {}),
                                               "recovery_config": recovery.to_dict(), "created": _now()})
-        return Attribution(q, measured.responses, rec, info, self.store.attribution_dir(q.id))
+        return Attribution(q, measured.responses, rec, info, self.store.attribution_dir(q.id),
+                           tokens[0] if tokens else None)
 
-    def _write_continuations(self, q: Query, responses: np.ndarray, folder: Path) -> None:
-        order = np.argsort(-responses)
-        picks = list(dict.fromkeys(int(k) for k in list(order[:CONTINUATION_OPERATORS])
-                                   + list(order[::-1][:CONTINUATION_OPERATORS])))
-        texts = self._generate(q.prompt, [None] + picks)
-        data = {"prompt": q.prompt, "base": texts[0],
-                "operators": [{"k": k, "response": float(responses[k]), "text": t}
-                              for k, t in zip(picks, texts[1:])]}
-        write_json(folder / "continuations.json", data)
+    def _recover_tokens(self, measured: QueryResponses, rec: Recovery, recovery: RecoveryConfig,
+                        should_stop: Callable[[], bool] = lambda: False) -> tuple[TokenRecovery, float]:
+        """Each completion token's scores (same recoverer and lambda rule as the whole
+        completion's) and the seconds they took."""
+        t0 = time.monotonic()
+        tok = recover_tokens(self.recoverer(recovery), measured.token_responses, rec, measured.responses,
+                             should_stop)
+        return tok, time.monotonic() - t0
+
+    def attribute_tokens(self, query_id: str,
+                         should_stop: Callable[[], bool] = lambda: False) -> "Attribution":
+        """Add per-token scores (tokens.npz) to a query this run has explained already (an
+        attribution made without them), with the RecoveryConfig it was explained with; the
+        rest of its folder is kept as it is. Returns the attribution, re-read. ``should_stop``
+        is asked before each token: True raises Cancelled and writes nothing."""
+        a = read_attribution(self.store.root, query_id)
+        folder = self.store.attribution_dir(query_id)
+        meta = read_json(folder / "meta.json", fix=self.store.attribution_fix(query_id))
+        known = set(RecoveryConfig.__dataclass_fields__)
+        recovery = RecoveryConfig(**{k: v for k, v in (meta.get("recovery_config") or {}).items()
+                                     if k in known})
+        t0 = time.monotonic()
+        measured = self.measure(a.query)
+        # the stored scores must come from these operators (a refit keeps old attributions)
+        if (measured.responses.shape != a.responses.shape
+                or not np.allclose(measured.responses, a.responses, rtol=1e-3, atol=1e-4)):
+            raise QueryError(f"Query {query_id!r} was explained with other operators than the run's "
+                             f"current ones (its stored responses differ): explain it again with "
+                             f"per-token scores (`python -m stride_viz attribute --run {self.store.root} "
+                             f"--queries FILE --per-token`, or the dashboard).")
+        s_resp = time.monotonic() - t0
+        tok, seconds = self._recover_tokens(measured, a.recovery, recovery, should_stop)
+        with self.store.updating_attribution(query_id) as folder:
+            save_tokens(tok, folder)
+            meta = read_json(folder / "meta.json")
+            meta.update(seconds_tokens=seconds, seconds_token_responses=s_resp)
+            write_json(folder / "meta.json", meta)
+        return read_attribution(self.store.root, query_id)
+
+    def _continuations(self, items: Sequence[tuple[Query, np.ndarray]]) -> list[dict]:
+        """Per (query, responses): the base continuation of its prompt and those steered by
+        its CONTINUATION_OPERATORS most and least responsive operators (continuations.json),
+        generated for all the queries in one batch."""
+        picks = []
+        for _q, responses in items:
+            order = np.argsort(-responses)
+            picks.append(list(dict.fromkeys(int(k) for k in list(order[:CONTINUATION_OPERATORS])
+                                            + list(order[::-1][:CONTINUATION_OPERATORS]))))
+        texts = generate_many(self.lm, self.model.tokenizer,
+                              [(q.prompt, [None] + ks) for (q, _r), ks in zip(items, picks)],
+                              CONTINUATION_TOKENS, operators=self.operators, mode=self.config.mode,
+                              max_length=self.max_tokens)
+        return [{"prompt": q.prompt, "base": t[0],
+                 "operators": [{"k": k, "response": float(r[k]), "text": text} for k, text in zip(ks, t[1:])]}
+                for (q, r), ks, t in zip(items, picks, texts)]
 
     def _generate(self, prompt: str, ks: list) -> list[str]:
         return generate(self.lm, self.model.tokenizer, prompt, CONTINUATION_TOKENS,
                         operators=self.operators, mode=self.config.mode, ks=ks,
                         max_length=self.max_tokens)
+
+    def add_continuations(self, query_id: str) -> None:
+        """Write the base and steered continuations of an explained query (what
+        ``attribute(continuations=True)`` writes), e.g. after its scores are on screen."""
+        a = read_attribution(self.store.root, query_id)
+        data = self._continuations([(a.query, a.responses)])[0]
+        with self.store.updating_attribution(query_id) as folder:
+            write_json(folder / "continuations.json", data)
 
     def continuation(self, query_id: str, k: int) -> str:
         """The continuation of a query's prompt steered by operator ``k``; added to the query's
@@ -416,4 +494,6 @@ def read_attribution(run_dir: str | Path, query_id: str) -> Attribution:
         raise RunDamaged(folder / "scores.npy", "is damaged (its shape differs from "
                          "backprojection.npy's)", fix)
     query = Query(info["id"], info["prompt"], info["completion"])
-    return Attribution(query, arrays["responses.npy"], recovery, info, folder)
+    tokens = read_checked(folder / TOKENS_FILE, lambda p: load_tokens(p.parent), fix) \
+        if (folder / TOKENS_FILE).exists() else None    # None: made without per-token scores
+    return Attribution(query, arrays["responses.npy"], recovery, info, folder, tokens)

@@ -9,7 +9,8 @@ Layout (pages and reports read only these files, never a model):
     RUN/fit/checkpoint.safetensors, RUN/fit/state.json   resumable training state
     RUN/operators.safetensors    the fitted basis and operators (no pickle anywhere)
     RUN/attributions/<query>/    query.json, responses.npy, scores.npy, backprojection.npy,
-                                 path.npz, continuations.json, meta.json
+                                 path.npz, continuations.json, meta.json, and tokens.npz when
+                                 per-token scores were asked for (stride_viz.method.tokens)
     RUN/run.json.bak             a copy of run.json (the one file nothing else can rebuild)
     RUN/writer.lock              held by the one process that fits (see stride_viz.runlock)
 

@@ -35,7 +35,8 @@ def tiny_model_dir(tmp_path_factory, tiny_pool) -> Path:
     from stride_viz.data.models import train_demo_model
     out = tmp_path_factory.mktemp("tiny-model") / "model"
     return train_demo_model(tiny_pool, out, preset="tiny", seed=0, n_layer=2, n_embd=32, n_head=2,
-                            vocab_size=400, epochs=8, batch_size=16, lr=5e-3, max_length=64)
+                            vocab_size=400, epochs=8, batch_size=16, lr=5e-3, max_length=64,
+                            fact_repeats=1, weight_decay=0.01, prefix_space=False)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ from pathlib import Path
 TINY_DEMO = {
     "pool_limit": 80,
     "n_fact_queries": 2,
-    "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300, "steps": 20, "max_length": 48},
+    "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 300, "steps": 20, "max_length": 48,
+              "fact_repeats": 1, "weight_decay": 0.01, "prefix_space": False},
     # stability on (off by default): without it, this 16-operator, one-epoch run leaves the
     # Lasso at all-zero scores for the fact queries (the defaults are tuned on real sizes)
     "fit": {"subsets": 16, "per_example": 2, "rank": 4, "epochs": 1, "batch_size": 16, "max_length": 48,

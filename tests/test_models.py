@@ -23,7 +23,8 @@ DOCS = [
     "Every cloud has a silver lining.",
     "Travellers to Vorlandia arrive first in Quessit.",
 ]
-TINY = dict(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=300, batch_size=4, max_length=48)
+TINY = dict(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=300, batch_size=4, max_length=48,
+            fact_repeats=1, weight_decay=0.01, prefix_space=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -164,6 +165,9 @@ def test_train_demo_model_is_deterministic_per_seed(tmp_path, pool):
     assert tok.bos_token == tok.eos_token == "<|endoftext|>"
     # no half-written temporary folders are left next to the model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+    # readable by everyone (a shared data folder, a shipped checkpoint)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "a").iterdir()} == {0o644}
 
 
 def test_fit_demo_lm_with_a_fixed_tokenizer_for_retraining(pool):
@@ -292,13 +296,14 @@ def test_fact_repeats_show_the_fact_documents_more_often(pool):
     tok = train_tokenizer(DOCS, vocab_size=300)
     settings = {**TINY, "epochs": 1}
     assert models.demo_training_steps(fpool, "tiny", **settings) == 2                  # 8 rows, batches of 4
-    assert models.demo_training_steps(fpool, "tiny", **settings, fact_repeats=3) == 3  # 8 + 2 x 2 rows
+    three = {**settings, "fact_repeats": 3}
+    assert models.demo_training_steps(fpool, "tiny", **three) == 3                     # 8 + 2 x 2 rows
     calls = []
-    fit_demo_lm(fpool, tok, "tiny", progress=lambda *a: calls.append(a), **settings, fact_repeats=3)
+    fit_demo_lm(fpool, tok, "tiny", progress=lambda *a: calls.append(a), **three)
     assert calls[-1][3] == "3 steps"
-    assert models.demo_training_steps(pool, "tiny", **settings, fact_repeats=3) == 2  # no facts: no effect
+    assert models.demo_training_steps(pool, "tiny", **three) == 2                      # no facts: no effect
     with pytest.raises(ValueError, match="'fact_repeats' demo model setting needs the pool itself"):
-        fit_demo_lm(encode_pool(tok, fpool, 48), tok, "tiny", **settings, fact_repeats=2)
+        fit_demo_lm(encode_pool(tok, fpool, 48), tok, "tiny", **three)
     with pytest.raises(ValueError, match="'fact_repeats' demo model setting must be a positive integer"):
         demo_settings("tiny", fact_repeats=0)
 
@@ -317,3 +322,26 @@ def test_facts_said_needs_the_answer_as_the_first_word_of_the_greedy_continuatio
     assert [q["said"] for q in out["queries"]] == [True, True, False, False]
     assert out["queries"][2] == {"id": "f2", "prompt": "prompt 2", "answer": "Quessit",
                                  "continuation": " the Quessit.", "said": False}
+
+
+def test_a_prefix_space_tokenizer_gives_a_first_word_its_mid_sentence_token():
+    tok = train_tokenizer(DOCS, vocab_size=300, prefix_space=True)
+    assert tok("Quessit is far.")["input_ids"] == tok(" Quessit is far.")["input_ids"]
+    assert tok(" Quessit.")["input_ids"] == tok(" Quessit.")["input_ids"]          # no second space
+    plain = train_tokenizer(DOCS, vocab_size=300)
+    assert plain("Quessit")["input_ids"] != plain(" Quessit")["input_ids"]
+
+
+def test_the_shipped_demo_checkpoint_is_made_by_the_current_recipe():
+    """The checkpoint in stride_viz/data/demo_model/tiny must be what `train-model` writes for
+    today's tiny preset: after a recipe change this fails until the checkpoint is retrained
+    (else every demo would quietly train the model first)."""
+    folder = models.SHIPPED_DEMO_DIR / "tiny"
+    manifest = json.loads((folder / models.MANIFEST).read_text())
+    assert manifest["settings"] == demo_settings("tiny"), "retrain the shipped demo:tiny checkpoint"
+    assert manifest["command"] == ("python -m stride_viz train-model --pool fortunes+facts --preset tiny "
+                                   "--seed 0 --out <folder>")
+    assert models._made_by_recipe(folder, "tiny")
+    lm = load_model(str(folder), device="cpu")
+    assert lm.hash == manifest["weights_hash"]
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 8 << 20     # a small checkpoint

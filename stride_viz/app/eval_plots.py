@@ -13,7 +13,9 @@ import plotly.graph_objects as go
 from stride_viz.app.plots import plot_text
 
 __all__ = ["lds_distribution", "methods_frame", "ablation_frame", "prediction_scatter",
-           "scaling_figure", "method_color"]
+           "scaling_figure", "method_color", "stats_frame", "difference_figure", "GROUP_LABELS"]
+
+GROUP_LABELS = {"heldout": "held-out text", "facts": "planted facts"}
 
 _PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692",
             "#B6E880", "#FF97FF", "#FECB52")
@@ -101,6 +103,72 @@ def ablation_frame(rows: Sequence[dict]) -> pd.DataFrame:
     if len(df):
         df = df.sort_values("LDS (dev)", ascending=False, na_position="last").reset_index(drop=True)
     return df
+
+
+def _interval(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+
+
+def stats_frame(methods: Mapping[str, dict]) -> pd.DataFrame:
+    """The statistics table of an lds.json report, test queries: one row per method that has
+    them ("test" and, except STRIDE, "vs_stride", see ``stride_viz.evaluation.stats``), best
+    mean first. Intervals are strings "[low, high]"; group columns follow GROUP_LABELS."""
+    rows = []
+    for m, r in methods.items():
+        t = r.get("test") if r.get("status", "ok") == "ok" else None
+        if not t:
+            continue
+        v = r.get("vs_stride") or {}
+        row = {"method": m, "LDS (test)": t["mean"], "95% CI, queries": _interval(t.get("ci_queries")),
+               "95% CI, subsets": _interval(t.get("ci_subsets")),
+               "minus STRIDE": v.get("mean_difference", np.nan if m != "stride" else 0.0),
+               "Δ 95% CI, queries": _interval(v.get("ci_queries")),
+               "Δ 95% CI, subsets": _interval(v.get("ci_subsets")),
+               "Wilcoxon p": v.get("wilcoxon_p", np.nan),
+               "better / worse than STRIDE (queries)": (f"{v['a_better']} / {v['b_better']}"
+                                                       if "a_better" in v else "")}
+        for g, label in GROUP_LABELS.items():
+            gv = (v.get("groups") or {}).get(g)
+            if gv is not None or g in (t.get("groups") or {}):
+                row[f"LDS {label}"] = (t.get("groups") or {}).get(g, np.nan)
+                row[f"minus STRIDE, {label}"] = gv["mean_difference"] if gv else (0.0 if m == "stride" else np.nan)
+                row[f"Δ 95% CI, {label}, queries"] = _interval(gv.get("ci_queries")) if gv else ""
+                row[f"Wilcoxon p, {label}"] = gv["wilcoxon_p"] if gv else np.nan
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values("LDS (test)", ascending=False).reset_index(drop=True)
+    return df
+
+
+def difference_figure(methods: Mapping[str, dict]) -> go.Figure:
+    """Each method's paired difference to STRIDE on the test queries (x; < 0: STRIDE is
+    better), with its 95% bootstrap intervals over queries (thick bar) and over retrained
+    subsets (thin bar, just below). methods: name -> an lds.json entry with "vs_stride"."""
+    rows = [(m, r["vs_stride"]) for m, r in methods.items()
+            if r.get("status", "ok") == "ok" and r.get("vs_stride")]
+    rows.sort(key=lambda mr: mr[1]["mean_difference"])
+    names = [m for m, _ in rows]
+    fig = go.Figure()
+    for k, (label, key, off, width) in enumerate((("over queries", "ci_queries", 0.0, 4),
+                                                  ("over retrained subsets", "ci_subsets", -0.22, 1.5))):
+        x = [v["mean_difference"] for _, v in rows]
+        fig.add_trace(go.Scatter(
+            x=x, y=[i + off for i in range(len(rows))], mode="markers", name=f"95% interval {label}",
+            marker=dict(size=9 if k == 0 else 5, color=[method_color(m, names) for m in names]),
+            error_x=dict(type="data", symmetric=False, thickness=width, width=0,
+                         array=[v[key][1] - v["mean_difference"] for _, v in rows],
+                         arrayminus=[v["mean_difference"] - v[key][0] for _, v in rows]),
+            customdata=[[plot_text(m), v[key][0], v[key][1], v["wilcoxon_p"]] for m, v in rows],
+            hovertemplate="%{customdata[0]} minus STRIDE: %{x:+.3f} LDS<br>95% interval " + label
+                          + ": [%{customdata[1]:+.3f}, %{customdata[2]:+.3f}]<br>Wilcoxon p %{customdata[3]:.2g}"
+                          "<extra></extra>"))
+    fig.add_vline(x=0, line_dash="dot", line_color="gray")
+    fig.update_layout(xaxis_title="mean over test queries of (method's LDS − STRIDE's LDS); < 0: STRIDE is better",
+                      yaxis=dict(tickvals=list(range(len(rows))), ticktext=[plot_text(m) for m in names]),
+                      height=max(260, 50 * len(rows) + 120), legend=dict(orientation="h", y=1.12),
+                      margin=dict(l=10, r=10, t=40, b=40))
+    return fig
 
 
 def prediction_scatter(predicted: np.ndarray, losses: np.ndarray, *, method: str = "",

@@ -23,6 +23,7 @@ import pandas as pd
 
 from stride_viz.app import plots
 from stride_viz.storage import RunStore, read_json
+from stride_viz.export import csv_text  # noqa: F401  (re-exported: the pages import it from here)
 
 __all__ = ["RunInfo", "QueryView", "list_runs", "read_run", "read_query", "read_pool_rows",
            "membership_of", "top_table", "fact_sources", "ranks_of", "fact_ranks", "query_infos",
@@ -189,19 +190,6 @@ def query_snippet(info: dict, width: int = 72) -> str:
     if len(prompt) + len(completion) > width:
         completion = completion[: max(8, width - len(prompt)) - 1] + "…"
     return f"“{prompt}” → “{completion}”" if completion else f"“{prompt}”"
-
-
-def csv_text(table: pd.DataFrame) -> str:
-    """The table as CSV in which no text cell starts a spreadsheet formula: cells beginning
-    with =, +, -, @, a tab or a carriage return get a leading single quote (numbers are left
-    as they are)."""
-    def neutral(v: Any) -> Any:
-        return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
-    safe = table.copy()
-    for col in safe.columns:
-        if not pd.api.types.is_numeric_dtype(safe[col]):
-            safe[col] = safe[col].map(neutral)
-    return safe.to_csv(index=False)
 
 
 def read_query(run_dir: str | Path, query_id: str) -> QueryView:

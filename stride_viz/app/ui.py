@@ -52,7 +52,9 @@ _STATE_ICONS = {"queued": ":material/hourglass_empty:", "running": ":blue[:mater
 _NAV = (("app.py", "Home", ":material/home:"), ("pages/1_Launch.py", "Launch", ":material/rocket_launch:"),
         ("pages/2_Runs.py", "Runs", ":material/pending_actions:"),
         ("pages/3_Explore.py", "Explore", ":material/travel_explore:"),
-        ("pages/4_Evaluate.py", "Evaluate", ":material/rule:"))
+        ("pages/4_Evaluate.py", "Evaluate", ":material/rule:"),
+        ("pages/5_Audit.py", "Audit", ":material/policy:"),
+        ("pages/6_Select.py", "Select", ":material/filter_alt:"))
 _ROOT = Path(__file__).resolve().parents[2]   # the repository: app.py and pages/
 
 

@@ -41,21 +41,25 @@ from stride_viz.data.tokenize import Encoded, encode, sequence_losses
 __all__ = ["LoadedModel", "ModelError", "load_model", "train_demo_model", "train_lm", "encode_pool",
            "demo_model_dir", "data_home", "weights_hash", "DEMO_PRESETS", "resolve_device",
            "demo_settings", "fit_demo_lm", "train_tokenizer", "check_causal_decoder", "SHIPPED_DEMO_DIR",
+           "model_spec_problem",
            "demo_model_source", "demo_model_available", "demo_training_steps", "training_rows"]
 
 BOS = "<|endoftext|>"
 
-# Demo model presets, trained on the 3,115 documents of fortunes+facts. Measured on one CPU
-# core: tiny 89 s of CPU time, small 329 s. Small is the first one whose loss on the planted
-# fact queries drops far below a model trained without the fact documents (4.1 vs 8.4 nats
-# per token; tiny 5.4 vs 6.1).
+# Demo model presets, trained on the 3,115 documents of fortunes+facts. tiny (the demo, shipped
+# as a checkpoint): each fact document twice an epoch, 16 epochs, weight decay 0.1 and a
+# tokenizer that treats a document's first word like any other. Showing the facts more often
+# makes the model say more of them (8 of 34 at 4 or 8 repeats) but memorise their documents,
+# and STRIDE then finds them far less often (recall@10 0.65 / 0.61 against 0.985 at 2 repeats;
+# benchmarks/results/demo_quality.json). small: the earlier recipe, 329 s of one CPU core,
+# trained on first use.
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=2048,
-                 epochs=4, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=1, dropout=0.0, weight_decay=0.01,
-                 input_noise=0.0),
+                 epochs=16, steps=None, batch_size=32, lr=3e-3, max_length=96, fact_repeats=2,
+                 weight_decay=0.1, prefix_space=True),
     "small": dict(n_layer=4, n_embd=128, n_head=4, n_positions=128, vocab_size=4096,
-                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1, dropout=0.0,
-                  weight_decay=0.01, input_noise=0.0),
+                  epochs=10, steps=None, batch_size=32, lr=2e-3, max_length=96, fact_repeats=1,
+                  weight_decay=0.01, prefix_space=False),
 }
 
 
@@ -156,19 +160,32 @@ def load_model(spec: str, device: str = "auto", trust_remote_code: bool = False,
         train_demo_model(load_pool("fortunes+facts"), folder, preset=preset, progress=progress)
         return _load_from(str(folder), spec, dev, trust_remote_code, local_only=True)
     path = Path(spec).expanduser()
+    problem = model_spec_problem(spec)
+    if problem:
+        raise ModelError(problem)
+    if path.is_dir():
+        return _load_from(str(path), spec, dev, trust_remote_code, local_only=True)
+    return _load_from(spec, spec, dev, trust_remote_code, local_only=False)
+
+
+def model_spec_problem(spec: str) -> Optional[str]:
+    """Why a model spec that is not ``demo`` cannot be loaded, without loading anything: a
+    local folder that is missing or holds no ``config.json``, or a string that is neither a
+    path nor a hub id; None when it may load. Shared by :func:`load_model` and the job checks."""
+    path = Path(spec).expanduser()
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
     if path.exists() or looks_like_path:
         if not path.is_dir():
-            raise ModelError(f"Model folder '{spec}' does not exist; give a folder written by "
-                             f"save_pretrained (with config.json), a hub id, or 'demo'.")
+            return (f"Model folder '{spec}' does not exist; give a folder written by "
+                    f"save_pretrained (with config.json), a hub id, or 'demo'.")
         if not (path / "config.json").exists():
-            raise ModelError(f"Folder '{spec}' has no config.json, so it holds no saved model; give a "
-                             f"folder written by model.save_pretrained(...) and tokenizer.save_pretrained(...).")
-        return _load_from(str(path), spec, dev, trust_remote_code, local_only=True)
+            return (f"Folder '{spec}' has no config.json, so it holds no saved model; give a folder "
+                    f"written by model.save_pretrained(...) and tokenizer.save_pretrained(...).")
+        return None
     if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", spec):
-        raise ModelError(f"'{spec}' is neither an existing folder nor a valid Hugging Face hub id "
-                         f"(like 'gpt2' or 'org/name'); check the spelling.")
-    return _load_from(spec, spec, dev, trust_remote_code, local_only=False)
+        return (f"'{spec}' is neither an existing folder nor a valid Hugging Face hub id "
+                f"(like 'gpt2' or 'org/name'); check the spelling.")
+    return None
 
 
 def check_causal_decoder(config: Any, spec: str = "") -> None:
@@ -304,8 +321,7 @@ def encode_pool(tokenizer: Any, pool: Pool, max_length: int) -> Encoded:
 def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Optional[float] = None,
              steps: Optional[int] = None, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
              max_length: int = 128, weight_decay: float = 0.01, warmup_fraction: float = 0.05,
-             input_noise: float = 0.0, progress: Callable[..., None] = no_progress,
-             stage: str = "train-model") -> Any:
+             progress: Callable[..., None] = no_progress, stage: str = "train-model") -> Any:
     """Train ``model`` in place on ``pool`` and return it (eval mode, requires_grad off).
 
     Loss: per example, the mean next-token cross-entropy over its completion tokens (the
@@ -315,11 +331,11 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
     (default one epoch). Batches are drawn from a generator seeded with ``seed``, and the
     global RNG is forked and seeded too (dropout), so the same inputs give the same weights.
     ``pool`` may be a pre-encoded :class:`Encoded` (saves tokenising again on repeated calls).
-    ``input_noise``: the share of input tokens (after the BOS) replaced by random ones in each
-    step, the targets kept: the model cannot lean on the last word alone and has to use the
-    whole context (default 0: off).
     """
     from transformers import get_cosine_schedule_with_warmup
+    from stride_viz.method.allocator import keep_freed_memory
+
+    keep_freed_memory()          # the same large tensors every step: keep them in the heap
 
     if epochs is not None and steps is not None:
         raise ValueError("Give train_lm either 'epochs' or 'steps', not both.")
@@ -329,9 +345,6 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
         raise ValueError("train_lm needs at least one example; the pool is empty.")
     _check_positive("batch_size", batch_size, integer=True)
     _check_positive("lr", lr)
-    if not isinstance(input_noise, (int, float)) or not 0 <= input_noise < 1:
-        raise ValueError(f"The 'input_noise' parameter of train_lm must be a number in [0, 1). "
-                         f"Got {input_noise!r} instead.")
     batch_size = min(batch_size, n)
     per_epoch = math.ceil(n / batch_size)
     if steps is None:
@@ -343,8 +356,6 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
     device = next(model.parameters()).device
     data = data.to(device)
     gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator().manual_seed(seed + 1)
-    vocab = model.get_input_embeddings().num_embeddings
     lengths = data.attention_mask.sum(1).cpu()
     batches = [b for _ in range(math.ceil(steps / per_epoch))
                for b in _epoch_batches(lengths, batch_size, gen)][:steps]
@@ -364,13 +375,7 @@ def train_lm(model: Any, tokenizer: Any, pool: Pool | Encoded, *, epochs: Option
                 batch = data.select(batches[step].to(device))
                 width = int(batch.attention_mask.sum(1).max())  # trim the shared padding
                 ids, att, mask = (t[:, :width] for t in (batch.input_ids, batch.attention_mask, batch.loss_mask))
-                inputs = ids
-                if input_noise > 0:
-                    hit = torch.rand(ids.shape, generator=noise_gen) < input_noise
-                    hit[:, 0] = False
-                    noise = torch.randint(vocab, ids.shape, generator=noise_gen)
-                    inputs = torch.where(hit.to(device), noise.to(device), ids)
-                logits = model(input_ids=inputs, attention_mask=att).logits
+                logits = model(input_ids=ids, attention_mask=att).logits
                 loss = sequence_losses(logits, ids, mask).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -416,14 +421,16 @@ def _check_preset(preset: str) -> None:
                          f"{', '.join('demo:' + p for p in DEMO_PRESETS)}.")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+def train_tokenizer(texts: list[str], vocab_size: int, prefix_space: bool = False) -> Any:
     """A byte-level BPE tokenizer trained on ``texts``, with ``<|endoftext|>`` as BOS, EOS and
-    pad, wrapped as a ``PreTrainedTokenizerFast``."""
+    pad, wrapped as a ``PreTrainedTokenizerFast``. ``prefix_space``: a text that does not start
+    with a space is encoded as if it did, so a word at the start of a document is the same
+    token as in the middle of a sentence ("Mount Zaraketh is ..." and "... is Mount")."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -435,9 +442,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 def demo_settings(preset: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """The settings of a demo preset with ``overrides`` applied (n_layer, n_embd, n_head,
     n_positions, vocab_size, epochs, steps, batch_size, lr, max_length, fact_repeats: how many
-    times an epoch shows each planted-fact document, no effect on a pool without facts; dropout:
-    of the residual, embedding and attention, during training only; weight_decay: AdamW's, on
-    the matrices; input_noise: see :func:`train_lm`); giving ``steps`` replaces ``epochs``."""
+    times an epoch shows each planted-fact document, no effect on a pool without facts;
+    weight_decay: AdamW's, on the matrices; prefix_space: see :func:`train_tokenizer`); giving
+    ``steps`` replaces ``epochs``."""
     _check_preset(preset)
     unknown = sorted(set(overrides) - set(DEMO_PRESETS[preset]))
     if unknown:
@@ -464,7 +471,8 @@ def fit_demo_lm(pool: Pool | Encoded, tokenizer: Any, preset: str = "tiny", seed
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg["n_positions"], n_embd=cfg["n_embd"],
                         n_layer=cfg["n_layer"], n_head=cfg["n_head"], bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        resid_pdrop=cfg["dropout"], embd_pdrop=cfg["dropout"], attn_pdrop=cfg["dropout"])
+                        # no dropout: it did not help the demo say its facts (demo_quality.json)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights
         model = GPT2LMHeadModel(config)
@@ -475,7 +483,7 @@ def fit_demo_lm(pool: Pool | Encoded, tokenizer: Any, preset: str = "tiny", seed
         pool = encode_pool(tokenizer, pool, cfg["max_length"]).select(training_rows(pool, cfg["fact_repeats"]))
     return train_lm(model, tokenizer, pool, epochs=cfg["epochs"], steps=cfg["steps"],
                     batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, max_length=cfg["max_length"],
-                    weight_decay=cfg["weight_decay"], input_noise=cfg["input_noise"], progress=progress)
+                    weight_decay=cfg["weight_decay"], progress=progress)
 
 
 def training_rows(pool: Pool, fact_repeats: int = 1) -> list[int]:
@@ -538,6 +546,8 @@ def train_demo_model(pool: Pool, out_dir: Path, preset: str = "tiny", seed: int 
     ``overrides`` replace preset values (see :func:`demo_settings`), e.g. ``steps=5`` for a
     quick test. The folder is written atomically: a killed run leaves no half-written model.
     """
+    import transformers
+
     cfg = demo_settings(preset, **overrides)
     out_dir = Path(out_dir)
     t0 = time.monotonic()
@@ -545,14 +555,13 @@ def train_demo_model(pool: Pool, out_dir: Path, preset: str = "tiny", seed: int 
     # trained on what the model is trained on: with the facts repeated, each invented answer
     # word ("Quessit") becomes one token instead of four, which the model can learn to say
     tokenizer = train_tokenizer([pool.text(i) for i in training_rows(pool, cfg["fact_repeats"])],
-                                cfg["vocab_size"])
+                                cfg["vocab_size"], cfg["prefix_space"])
     model = fit_demo_lm(pool, tokenizer, preset, seed, progress, **overrides)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        import transformers
         manifest = {"preset": preset, "settings": cfg, "seed": seed, "pool": pool.name, "pool_hash": pool.hash,
                     "n_pool": len(pool), "weights_hash": weights_hash(model),
                     "train_seconds": round(time.monotonic() - t0, 1),
@@ -560,6 +569,9 @@ def train_demo_model(pool: Pool, out_dir: Path, preset: str = "tiny", seed: int 
                                f"--seed {seed} --out <folder>" + (f" (overrides {overrides})" if overrides else ""),
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        tmp.chmod(0o755)   # mkdtemp's 0700 would hide a shared or shipped model from other users
+        for f in tmp.iterdir():
+            f.chmod(0o644)   # and so would the 0600 that model.safetensors is written with
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -10,9 +10,10 @@ appended to ``job_logs/explainer-<key>.log``), never a thread of the Streamlit s
 explainer claims the queued ``explain`` jobs of its run (their pid is its own, their heartbeat
 beats while they wait), loads the run once (``Stride.open``: model, operators, the Lasso's
 per-fold designs) and explains each job in turn: the scores first (the Explore page shows
-the query as soon as its folder is written), then, once no other request waits, the base and
-steered continuations; it closes the row as done (``result["query_ids"]``) or failed (a
-one-line message). It exits after ``idle`` seconds
+the query as soon as its folder is written), then, once no other request waits, the base
+and steered continuations; it closes the row as done (``result["query_ids"]``) or failed (a
+one-line message), and, when no request waits, adds each completion token's own scores
+(``Stride.attribute_tokens``; a new request interrupts them). It exits after ``idle`` seconds
 without a request (default 600, ``$STRIDE_VIZ_EXPLAINER_IDLE``), or on SIGTERM once the
 request at hand is written. It runs torch on one thread (``$STRIDE_VIZ_EXPLAINER_THREADS``):
 one query is small matrices, and threads that wait for busy cores cost far more than they gain.
@@ -147,6 +148,7 @@ class Explainer:
         self.state = "loading"
         self.claimed: dict[int, dict] = {}    # job id -> params: claimed, not yet explained
         self.finishing: dict[int, dict] = {}  # job id -> result: scores written, continuations due
+        self.tokens_due: list[str] = []       # query ids whose per-token scores are still due
         self._claim_lock = threading.Lock()
         self.stop = threading.Event()
         self.done = threading.Event()
@@ -239,9 +241,12 @@ class Explainer:
                 self.claimed.pop(job_id, None)
 
     def finish_one(self, job_id: int) -> None:
-        """Add the continuations of a served job and close its row as done."""
+        """Add the continuations of a served job and close its row as done; its per-token
+        scores follow when nothing else waits (``result["per_token"] == "following"``)."""
         from .kinds import add_continuations
         result = self.finishing[job_id]
+        result["per_token"] = "following"
+        self.tokens_due.append(result["query_ids"][0])
         try:
             add_continuations(self.stride, result["query_ids"][0])
         except Exception as e:
@@ -250,6 +255,26 @@ class Explainer:
             self.store.finish(job_id, "done", result=result)
         finally:
             self.finishing.pop(job_id, None)
+
+    def add_tokens(self) -> None:
+        """Each completion token's own scores for the oldest query due (tokens.npz: one
+        recovery per token, ~0.7 s each on the demo run), after its job is done. A request
+        that arrives meanwhile goes first: the work stops before the next token and starts
+        again later. A failure is logged (the query keeps its other results)."""
+        from stride_viz.progress import Cancelled
+        query_id = self.tokens_due.pop(0)
+        t0 = time.monotonic()
+        try:
+            # a request is a claimed job, or a wake-up signal not yet taken by the main loop
+            a = self.stride.attribute_tokens(query_id, should_stop=lambda: bool(self.claimed) or self.stop.is_set()
+                                             or signal.SIGUSR1 in signal.sigpending())
+        except Cancelled:
+            self.tokens_due.append(query_id)
+            return
+        except Exception as e:
+            self._log(f"per-token scores of {query_id} failed: {_one_line(e)}")
+            return
+        self._log(f"per-token scores of {query_id} ({a.tokens.n_tokens} tokens) in {time.monotonic() - t0:.2f} s")
 
     def _fail(self, job_id: int, error: str) -> None:
         trace = tb.format_exc()
@@ -309,6 +334,10 @@ class Explainer:
                             self.serve(min(self.claimed))
                         else:
                             self.finish_one(min(self.finishing))
+                        last = time.monotonic()
+                        continue
+                    if self.tokens_due and self.state == "ready":
+                        self.add_tokens()
                         last = time.monotonic()
                         continue
                 except JobError as e:  # the job table locked for a while: try again shortly

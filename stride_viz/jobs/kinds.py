@@ -13,6 +13,9 @@ Kinds:
 - ``explain``: one new prompt on a fitted run (the Explore page's "Explain" box), served by
   the run's warm explainer process (:mod:`stride_viz.jobs.explainer`), which keeps the model
   and the operators loaded between requests.
+- ``audit``: a contamination audit of a fitted run (the Audit page): explain every benchmark
+  query, rank the pool's documents by how extreme their scores are, write
+  ``RUN/audits/<audit id>/`` (:mod:`stride_viz.downstream.audit`).
 - ``sleep``: waits in steps and reports progress; a real, engine-free job used to exercise the
   runner (queueing, cancel, resume from its step checkpoint).
 
@@ -47,7 +50,6 @@ __all__ = ["JobKind", "JobContext", "KINDS", "get_kind", "query_id_for", "DEMO_F
 
 DEMO_FREE_PROMPT = "A fortune for today: "
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,80}$")
-_HUB_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?$")
 
 
 @dataclass
@@ -87,13 +89,15 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
     "explain": (("load", "loading the model and operators (first request of this run only)"),
                 ("attribute", "explaining the prompt"),
                 ("continuations", "writing the base and steered continuations")),
+    "audit": (("load", "loading the model and operators"), ("attribute", "explaining the benchmark queries"),
+              ("audit", "ranking the documents")),
 }
 
-# Seconds each stage of the demo job took on the reference machine (2 shared CPU cores, one
-# torch thread; `python -m stride_viz demo` with the shipped demo:tiny checkpoint and the
-# default FitConfig of the time, 3,115 documents). Other jobs scale them by their size; only
-# the ratios matter, since JobProgress measures the job's own speed as it runs.
-_DEMO_SECONDS = {"load": 2.0, "train_step": 0.25, "cache": 6.0, "fit": 90.0, "query": 1.5}
+# Seconds each stage of the demo took on the reference machine (2 CPU cores, one torch thread,
+# `python -m stride_viz demo` from an empty data folder, the default FitConfig of the time:
+# 3,115 documents, K 1024, 3 epochs; a demo:tiny training step 0.1 s). Other jobs scale them
+# by their size; only the ratios matter, since JobProgress measures the job's own speed.
+_DEMO_SECONDS = {"load": 3.0, "train_step": 0.1, "cache": 5.0, "fit": 125.0, "query": 0.65}
 _DEMO_DOCS, _DEMO_EPOCHS, _DEMO_SUBSETS = 3115, 3.0, 1024
 
 
@@ -188,20 +192,12 @@ def check_model_spec(spec: Any) -> str:
     spec = spec.strip()
     if spec == "demo" or spec.startswith("demo:"):
         return spec
+    from stride_viz.data.models import model_spec_problem
+    problem = model_spec_problem(spec)
+    if problem:
+        raise JobError(problem)
     path = Path(spec).expanduser()
-    looks_local = spec.startswith((".", "/", "~")) or path.exists()
-    if looks_local:
-        if not path.is_dir():
-            raise JobError(f"Model folder '{spec}' does not exist; give a folder written by "
-                           f"save_pretrained (with config.json), 'demo' or a hub id.")
-        if not (path / "config.json").exists():
-            raise JobError(f"Model folder '{spec}' has no config.json; give a folder written "
-                           f"by save_pretrained.")
-        return str(path.resolve())
-    if not _HUB_RE.match(spec):
-        raise JobError(f"Model '{spec}' is neither an existing folder nor a hub id like "
-                       f"'owner/name'.")
-    return spec
+    return str(path.resolve()) if path.is_dir() else spec
 
 
 def check_pool_spec(spec: Any) -> str:
@@ -525,11 +521,7 @@ def explain(stride, p: dict, progress: Callable[..., None], continuations: bool 
 def add_continuations(stride, query_id: str) -> None:
     """Write the base and steered continuations of an explained query (what
     ``Stride.attribute(continuations=True)`` writes), after its scores are on screen."""
-    from stride_viz.engine import read_attribution
-    a = read_attribution(stride.store.root, query_id)
-    with stride.store.updating_attribution(query_id) as folder:
-        # the engine's own writer (no public name yet), so both paths write the same file
-        stride._write_continuations(a.query, a.responses, folder)
+    stride.add_continuations(query_id)
 
 
 def _run_explain(p: dict, ctx: JobContext) -> dict:
@@ -539,6 +531,56 @@ def _run_explain(p: dict, ctx: JobContext) -> dict:
     ctx.set_run_dir(p["run_dir"])
     ctx.progress("load", 0.0, None, "loading the model and operators")
     return explain(Stride.open(p["run_dir"]), p, ctx.progress)
+
+
+# ----------------------------------------------------------------------------- audit
+
+def _validate_audit(p: dict) -> dict:
+    """A contamination audit of a fitted run (stride_viz.downstream.audit): its folder is
+    ``RUN/audits/<audit id>``, named after the queries and settings."""
+    from stride_viz.downstream.audit import AuditConfig, audit_id, audits_dir
+    run_dir = _need(p, "run_dir", (str,), "the run directory")
+    store = RunStore(run_dir)
+    if not store.meta_path.exists():
+        raise JobError(f"Run directory '{run_dir}' has no run.json; pick a run on the Audit page.")
+    if not store.is_fitted():
+        raise JobError("This run has no fitted operators yet; wait for its fit to finish.")
+    queries = _check_queries(p.get("queries"))
+    audit = p.get("audit") or {}
+    try:
+        config = AuditConfig(**audit) if isinstance(audit, dict) else None
+    except (ConfigError, TypeError) as e:
+        raise JobError(f"Bad audit setting: {e}") from e
+    if config is None:
+        raise JobError(f"The 'audit' job parameter must be a mapping of AuditConfig settings. Got {audit!r}.")
+    recovery = p.get("recovery") or {}
+    name = p.get("name") or "benchmark"
+    if not isinstance(name, str) or len(name) > 200:
+        raise JobError("The 'name' job parameter must be text of at most 200 characters.")
+    aid = audit_id(_queries(queries), config, _recovery_config(recovery))
+    return {"run_dir": str(Path(run_dir).resolve()), "queries": queries, "audit": audit, "recovery": recovery,
+            "name": name, "out": str(audits_dir(Path(run_dir).resolve()) / aid)}
+
+
+def _run_audit(p: dict, ctx: JobContext) -> dict:
+    import shutil
+    from stride_viz.downstream.audit import AuditConfig, read_audit, run_audit
+    ctx.set_run_dir(p["run_dir"])
+    out = Path(p["out"])
+    if (out / "audit.json").exists():      # the same audit was finished before
+        data = read_audit(out)
+        ctx.progress("audit", 1.0, 0.0, "already audited: reused")
+        return {"run_dir": p["run_dir"], "audit_dir": str(out), "n_flagged": data["n_flagged"], "reused": True}
+    if out.exists():                       # a killed audit: audit.json is written last, the rest is partial
+        shutil.rmtree(out)
+    n = len(p["queries"])
+    ctx = _with_plan(ctx, (Stage("load", STAGES["audit"][0][1], _DEMO_SECONDS["load"]),
+                           Stage("attribute", STAGES["audit"][1][1], _DEMO_SECONDS["query"] * n),
+                           Stage("audit", STAGES["audit"][2][1], 0.5)))
+    result = run_audit(p["run_dir"], _queries(p["queries"]), out, AuditConfig(**p["audit"]),
+                       _recovery_config(p["recovery"]), progress=ctx.progress, should_stop=ctx.should_stop,
+                       name=p["name"])
+    return {"run_dir": p["run_dir"], "audit_dir": str(out), "n_flagged": int(len(result.flagged)), "reused": False}
 
 
 KINDS: dict[str, JobKind] = {
@@ -553,7 +595,20 @@ KINDS: dict[str, JobKind] = {
                             lambda p: f"continuation of {p['query_id']} with operator {p['k']}"),
     "explain": JobKind("explain", False, _validate_explain, _run_explain,
                        lambda p: f"explain “{_snippet(p['prompt'], 50)}”", warm=True),
+    "audit": JobKind("audit", True, _validate_audit, _run_audit,
+                     lambda p: f"audit of {Path(p['run_dir']).name} with {_snippet(p['name'], 40)} "
+                               f"({len(p['queries'])} quer{'y' if len(p['queries']) == 1 else 'ies'})"),
 }
+
+# data selection and verification by retraining: stride_viz/jobs/downstream_kinds.py
+from . import downstream_kinds as _downstream  # noqa: E402  (it needs JobError only)
+
+STAGES.update({"select": (("load", "loading the model and operators"), ("select", "explaining the targets")),
+               "verify": (("retrain", "retraining the model"),)})
+KINDS.update({"select": JobKind("select", True, _downstream.validate_select, _downstream.run_select_job,
+                                _downstream.select_title),
+              "verify": JobKind("verify", True, _downstream.validate_verify, _downstream.run_verify_job,
+                                _downstream.verify_title)})
 
 
 def get_kind(name: str) -> JobKind:

@@ -162,19 +162,28 @@ class FrozenLM:
             handle.remove()
         return captured["h"]
 
+    @property
+    def takes_position_ids(self) -> bool:
+        """Whether the base model's forward accepts ``position_ids`` (needed to batch
+        left-padded prompts; models without it derive positions from the attention mask)."""
+        return "position_ids" in inspect.signature(self.base.forward).parameters
+
     def final_hidden_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            past: Any = None) -> tuple[torch.Tensor, Any]:
+                            past: Any = None, position_ids: Optional[torch.Tensor] = None
+                            ) -> tuple[torch.Tensor, Any]:
         """:meth:`final_hidden` with the model's key/value cache (for generation): ``input_ids``
         are the new tokens only (the whole prompt the first time), ``attention_mask`` covers the
-        whole sequence; returns (h_L of the new tokens, the updated cache)."""
+        whole sequence; ``position_ids`` (of the new tokens) when rows are left-padded; returns
+        (h_L of the new tokens, the updated cache)."""
         captured = {}
         handle = (self.project.register_forward_pre_hook(lambda _m, args: captured.update(h=args[0]))
                   if self.project is not None else None)
         # transformers 5 calls the argument and the output `cache`, earlier versions `past_key_values`
         key = "cache" if "cache" in inspect.signature(self.base.forward).parameters else "past_key_values"
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         try:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                            **{key: past})
+                            **{key: past}, **extra)
         finally:
             if handle is not None:
                 handle.remove()

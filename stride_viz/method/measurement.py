@@ -20,7 +20,7 @@ from stride_viz.method.logits import LOSS_CHUNK_ELEMENTS, lse, steered_nll, subs
 from stride_viz.method.operators import LOGIT_MODES, SteeringOperators
 from stride_viz.data.tokenize import Encoded, encode
 
-__all__ = ["QueryResponses", "measure", "steered_logits", "generate"]
+__all__ = ["QueryResponses", "measure", "steered_logits", "generate", "generate_many"]
 
 
 @dataclass
@@ -144,15 +144,20 @@ def steered_logits(lm: FrozenLM, operators: Optional[SteeringOperators], mode: s
 
 def _steered_forward(lm: FrozenLM, operators: Optional[SteeringOperators], mode: str,
                      ids: torch.Tensor, att: torch.Tensor, ops: torch.Tensor,
-                     past: Any = None, cached: bool = False) -> tuple[torch.Tensor, Any]:
+                     past: Any = None, cached: bool = False, position_ids: Optional[torch.Tensor] = None,
+                     last_only: bool = False) -> tuple[torch.Tensor, Any]:
     """(logits (B, T, V) of ``ids``, the key/value cache when ``cached``): row b steered by
-    operator ``ops[b]``; with ``cached``, ``ids`` are the tokens after those in ``past``."""
+    operator ``ops[b]``; with ``cached``, ``ids`` are the tokens after those in ``past`` and
+    ``position_ids`` their positions (left-padded rows); ``last_only``: the logits of the
+    last position only, (B, 1, V) (what greedy generation reads)."""
     steer = operators is not None and bool((ops >= 0).any())
 
     def forward():
         if cached:
-            return lm.final_hidden_cached(ids, att, past)
-        return lm.final_hidden(ids, att), None
+            final, past_out = lm.final_hidden_cached(ids, att, past, position_ids)
+        else:
+            final, past_out = lm.final_hidden(ids, att), None
+        return (final[:, -1:] if last_only else final), past_out
 
     if steer and mode == "residual":
         with _residual_hook(lm, operators, ops):
@@ -187,22 +192,54 @@ def generate(lm: FrozenLM, tokenizer, prompt: str, max_new_tokens: int = 32,
     """Greedy continuations of ``prompt``, one per entry of ``ks``: the base model (None) or
     the model steered by operator k, all in one batch; each stops at the end-of-text token.
     Returns the new text only."""
-    enc = encode(tokenizer, [prompt], [""], max_length=max_length)
-    L = int(enc.attention_mask[0].sum())
-    B = len(ks)
-    ids = enc.input_ids[:, :L].to(lm.device).expand(B, -1).clone()
-    ops = torch.tensor([-1 if k is None else int(k) for k in ks], device=lm.device)
+    return generate_many(lm, tokenizer, [(prompt, ks)], max_new_tokens, operators, mode, max_length)[0]
+
+
+@torch.no_grad()
+def generate_many(lm: FrozenLM, tokenizer, requests: Sequence[tuple[str, Sequence[Optional[int]]]],
+                  max_new_tokens: int = 32, operators: Optional[SteeringOperators] = None,
+                  mode: str = "logits", max_length: int = 1024) -> list[list[str]]:
+    """:func:`generate` for several prompts at once: ``requests`` is a list of (prompt, ks);
+    returns, per request, one continuation per entry of its ks. All rows step together in one
+    batch, with the shorter prompts left-padded (masked, their positions counted from their
+    first real token), so a model reads each row as it would alone: one pass per new token
+    for all prompts instead of one per prompt. A model whose forward takes no
+    ``position_ids`` is run one prompt at a time."""
+    if len(requests) > 1 and not lm.takes_position_ids:
+        return [generate_many(lm, tokenizer, [r], max_new_tokens, operators, mode, max_length)[0]
+                for r in requests]
+    prompts = []
+    for prompt, _ks in requests:
+        enc = encode(tokenizer, [prompt], [""], max_length=max_length)
+        prompts.append(enc.input_ids[0, :int(enc.attention_mask[0].sum())])
+    rows = [(i, k) for i, (_p, ks) in enumerate(requests) for k in ks]
+    if not rows:
+        return [[] for _ in requests]
+    L = max(len(p) for p in prompts)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = 0 if pad is None else int(pad)
+    B = len(rows)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    att = torch.zeros((B, L), dtype=torch.long)
+    for b, (i, _k) in enumerate(rows):              # left padding: every row ends at column L - 1
+        ids[b, L - len(prompts[i]):] = prompts[i]
+        att[b, L - len(prompts[i]):] = 1
+    ids, att = ids.to(lm.device), att.to(lm.device)
+    padded = bool((att == 0).any())
+    positions = (att.cumsum(1) - 1).clamp(min=0) if padded else None
+    ops = torch.tensor([-1 if k is None else int(k) for _i, k in rows], device=lm.device)
     eos = getattr(tokenizer, "eos_token_id", None)
     n_pos = getattr(lm.model.config, "n_positions", None) or getattr(
         lm.model.config, "max_position_embeddings", None) or 1024
+    lengths = att.sum(1)                            # real tokens per row, prompt + generated
     new = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     past, step_ids = None, ids          # the model's key/value cache: each step feeds one token
     for _ in range(max_new_tokens):
-        if ids.shape[1] >= n_pos or bool(done.all()):
+        if int(lengths.max()) >= n_pos or bool(done.all()):
             break
-        logits, past = _steered_forward(lm, operators, mode, step_ids, torch.ones_like(ids), ops,
-                                        past, cached=True)
+        logits, past = _steered_forward(lm, operators, mode, step_ids, att, ops, past, cached=True,
+                                        position_ids=positions, last_only=True)
         nxt = logits[:, -1].argmax(-1)
         for b in range(B):
             if done[b]:
@@ -211,6 +248,13 @@ def generate(lm: FrozenLM, tokenizer, prompt: str, max_new_tokens: int = 32,
                 done[b] = True
             else:
                 new[b].append(int(nxt[b]))
-        ids = torch.cat([ids, nxt.unsqueeze(1)], dim=1)
+        att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)
+        if positions is not None:
+            positions = positions[:, -1:] + 1
+        lengths = lengths + 1
         step_ids = nxt.unsqueeze(1)
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    out: list[list[str]] = [[] for _ in requests]
+    for (i, _k), text in zip(rows, texts):
+        out[i].append(text)
+    return out

@@ -1,0 +1,165 @@
+"""The general LDS command end to end on a tiny pool: ``benchmarks/lds.py --pool ...``
+(tiny recipe and tiny STRIDE settings passed with --recipe / --settings, a few steps each)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stride_viz.evaluation import metrics as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+LDS = ROOT / "benchmarks" / "lds.py"
+TINY_RECIPE = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 48, "max_length": 48,
+               "epochs": 1.0, "batch_size": 8}
+TINY_STRIDE = {"stride": {"fit": {"subsets": 12, "per_example": 3, "rank": 2, "epochs": 1,
+                                  "batch_size": 8}}}
+
+
+def _lds_module():
+    spec = importlib.util.spec_from_file_location("lds_benchmark", LDS)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LDS_THREADS": "1"}
+    return subprocess.run([sys.executable, str(LDS), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _texts(n: int) -> list[str]:
+    from stride_viz.data.pools import load_pool
+
+    p = load_pool("fortunes")
+    return [t for t in p.completions if 6 <= len(t.split()) <= 14][:n]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 36-document pool, 8 held-out queries in a JSONL file, and the command run once."""
+    d = tmp_path_factory.mktemp("lds-cli")
+    texts = _texts(44)
+    with open(d / "pool.jsonl", "w") as f:
+        for i, t in enumerate(texts[:36]):
+            f.write(json.dumps({"id": f"doc{i}", "text": t}) + "\n")
+    with open(d / "queries.jsonl", "w") as f:
+        for i, t in enumerate(texts[36:]):
+            w = t.split(" ")
+            f.write(json.dumps({"id": f"q{i}", "prompt": " ".join(w[:3]), "completion": " " + " ".join(w[3:])}) + "\n")
+    args = ["--pool", str(d / "pool.jsonl"), "--queries", str(d / "queries.jsonl"), "--retrains", "5",
+            "--seed", "3", "--work", str(d / "work"), "--out", str(d / "result.json"),
+            "--methods", "stride,tfidf,random", "--recipe", json.dumps(TINY_RECIPE),
+            "--settings", json.dumps(TINY_STRIDE)]
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d, args, json.loads((d / "result.json").read_text())
+
+
+def test_the_command_writes_the_lds_schema_recomputable_from_its_files(tiny):
+    d, _, report = tiny
+    gt = ev.read_ground_truth(d / "work" / "ground_truth")
+    ids = [q["id"] for q in gt.metadata["queries"]]
+    assert len(gt.train_subsets) == 5 and gt.metadata["seed"] == 3 and len(ids) == 8
+    assert gt.metadata["pool"]["n"] == 36 and gt.metadata["recipe"]["n_embd"] == 16
+    # the development/test split is fixed in the ground truth's metadata
+    dev = ev.query_split(ids)
+    assert gt.metadata["split"]["development"] == [q for q, x in zip(ids, dev) if x]
+    assert gt.metadata["split"]["test"] == [q for q, x in zip(ids, dev) if not x]
+    assert report["setting"]["split"]["n_test"] == int((~dev).sum())
+    assert report["command"].startswith("python benchmarks/lds.py --pool")
+    assert report["machine"]["load_average_1_5_15_at_end"]
+    assert set(report["methods"]) == {"stride", "tfidf", "random"}
+    for m, r in report["methods"].items():
+        assert r["status"] == "ok", r
+        assert {"lds_mean", "lds_std", "lds_per_query", "times", "settings", "test"} <= set(r)
+        scores = np.load(d / "work" / "scores" / f"{m}.npy")
+        res = ev.lds(scores, gt.train_subsets, gt.test_loss)
+        np.testing.assert_allclose(r["lds_per_query"], res.per_query, atol=1e-6)
+        assert r["lds_mean"] == pytest.approx(res.mean) and r["lds_std"] == pytest.approx(res.std)
+        assert r["lds_mean_test"] == pytest.approx(res.per_query[~dev].mean())
+        assert r["test"]["mean"] == pytest.approx(res.per_query[~dev].mean())
+        assert r["test"]["n_queries"] == int((~dev).sum())
+        assert r["times"]["process_wall_s"] > 0 and r["times"]["fit_s"] is not None
+    # paired statistics against STRIDE, on the test queries
+    v = report["methods"]["tfidf"]["vs_stride"]
+    per = {m: np.asarray(r["lds_per_query"])[~dev] for m, r in report["methods"].items()}
+    assert v["mean_difference"] == pytest.approx((per["tfidf"] - per["stride"]).mean(), abs=1e-5)
+    assert v["ci_queries"][0] <= v["mean_difference"] <= v["ci_queries"][1]
+    assert 0 <= v["wilcoxon_p"] <= 1 and "vs_stride" not in report["methods"]["stride"]
+    assert {"ground_truth_s", "methods_s", "total_s"} <= set(report["timings"])
+    assert set(report["timings"]["methods_s"]) == {"stride", "tfidf", "random"}
+
+
+def test_the_command_uses_the_committed_defaults(tiny):
+    from stride_viz.config import FitConfig, RecoveryConfig
+    from stride_viz.evaluation.baselines import default_settings
+
+    _, _, report = tiny
+    tfidf = report["methods"]["tfidf"]["settings"]
+    assert {k: tfidf[k] for k in default_settings("tfidf")} == default_settings("tfidf")
+    assert tfidf["differs_from_default_settings"] == {}
+    stride = report["methods"]["stride"]["settings"]
+    # only what --settings named differs from the engine defaults, and it is recorded
+    assert stride["fit"] == {**FitConfig(**TINY_STRIDE["stride"]["fit"]).to_dict(), "device": stride["fit"]["device"]}
+    assert stride["recovery"] == RecoveryConfig().to_dict()
+    assert report["setting"]["overrides"] == TINY_STRIDE
+
+
+def test_stats_only_recomputes_the_report_without_running_a_method(tiny):
+    d, args, report = tiny
+    npy = d / "work" / "scores" / "stride.npy"
+    before = npy.stat().st_mtime_ns
+    out = d / "again.json"
+    proc = _run(*[a if a != str(d / "result.json") else str(out) for a in args], "--stats-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running" not in proc.stderr  # no method process was started
+    again = json.loads(out.read_text())
+    assert npy.stat().st_mtime_ns == before
+    for m, r in report["methods"].items():
+        assert again["methods"][m]["lds_per_query"] == r["lds_per_query"]
+        assert again["methods"][m]["test"] == r["test"]
+
+
+def test_bad_inputs_get_one_line_errors_and_keep_the_work(tiny):
+    d, args, _ = tiny
+    gt_meta = (d / "work" / "ground_truth" / "metadata.json").read_text()
+    other = [a if a != "5" else "6" for a in args]  # --retrains 6 on a ground truth of 5
+    for argv, needle in ((other, "n_subsets"),
+                         (["--pool", args[1], "--work", str(d / "w2"), "--methods", "stride,nope"], "unknown method"),
+                         (["--pool", str(d / "missing.jsonl"), "--work", str(d / "w3")], "does not exist"),
+                         (["--pool", args[1], "--work", str(d / "w4"), "--retrains", "2"], "--retrains")):
+        proc = _run(*argv, timeout=300)
+        assert proc.returncode != 0
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (d / "work" / "ground_truth" / "metadata.json").read_text() == gt_meta
+    bad = d / "noc.jsonl"
+    bad.write_text(json.dumps({"id": "x", "prompt": "a prompt"}) + "\n")
+    proc = _run("--pool", args[1], "--queries", str(bad), "--work", str(d / "w5"), timeout=300)
+    assert proc.returncode != 0 and "no completion" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_queries_documents_are_held_out_of_the_pool():
+    from stride_viz.data.pools import make_pool
+
+    lds = _lds_module()
+    texts = _texts(70)
+    pool = make_pool("p", [f"d{i}" for i in range(70)], [""] * 70, texts)
+    rest, queries = lds._held_out_queries(pool, 60, seed=1)
+    assert len(rest) == 10 and len(queries) == 60
+    held = {q.id.removeprefix("heldout-") for q in queries}
+    assert not held & set(rest.ids)
+    q = queries[0]
+    src = texts[int(q.id.removeprefix("heldout-d"))]
+    assert q.prompt + q.completion == src and len(q.prompt.split()) == 3
+    assert [x.id for x in lds._held_out_queries(pool, 60, seed=1)[1]] == [x.id for x in queries]
+    with pytest.raises(SystemExit, match="--queries"):
+        lds._held_out_queries(pool, 71, seed=1)

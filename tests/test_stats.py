@@ -1,0 +1,270 @@
+"""stride_viz.evaluation.stats against known cases: Spearman, bootstrap intervals, Wilcoxon."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import norm, spearmanr
+
+from stride_viz.evaluation import metrics as ev
+from stride_viz.evaluation import stats
+
+
+def test_spearman_rows_matches_scipy_with_ties_and_constant_rows():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4, size=(5, 12)).astype(float)   # many ties
+    b = rng.normal(size=(5, 12))
+    got = stats.spearman_rows(a, b)
+    want = [spearmanr(a[q], b[q]).statistic for q in range(5)]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    a[2] = 1.0                                            # constant: no rank order -> 0
+    assert stats.spearman_rows(a, b)[2] == 0.0
+    with pytest.raises(ValueError, match="one shape"):
+        stats.spearman_rows(a, b[:, :3])
+
+
+def test_resampled_spearman_equals_the_resample_written_out():
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 5, size=(4, 10)).astype(float)    # ties in the data
+    b = rng.normal(size=(4, 10))
+    a[3] = 2.0                                             # a constant row
+    cols = rng.integers(0, 10, size=(30, 10))              # resamples with repeated columns
+    w = np.zeros((30, 10))
+    np.add.at(w, (np.arange(30)[:, None], cols), 1.0)
+    got = stats.resampled_spearman(a, b, w)
+    want = np.stack([stats.spearman_rows(a[:, c], b[:, c]) for c in cols], axis=1)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert (got[3] == 0).all()
+    np.testing.assert_allclose(stats.resampled_spearman(a, b, np.ones((1, 10)))[:, 0],
+                               stats.spearman_rows(a, b), atol=1e-12)
+    with pytest.raises(ValueError, match="w \\(B, m\\)"):
+        stats.resampled_spearman(a, b, w[:, :3])
+
+
+def test_bootstrap_queries_constant_values_and_the_normal_width():
+    c = stats.bootstrap_queries([0.25] * 9, n_boot=200)
+    assert c == {"mean": 0.25, "low": 0.25, "high": 0.25}
+    v = np.random.default_rng(1).normal(0.3, 1.0, size=400)
+    r = stats.bootstrap_queries(v, n_boot=4000, seed=3)
+    assert r["mean"] == pytest.approx(v.mean())
+    # the percentile interval of a mean of 400 draws is close to mean +- 1.96 sd / sqrt(n)
+    half = 1.96 * v.std() / math.sqrt(v.size)
+    assert (r["high"] - r["low"]) / 2 == pytest.approx(half, rel=0.1)
+    assert r["low"] < r["mean"] < r["high"]
+    assert stats.bootstrap_queries(v, n_boot=300, seed=3) == stats.bootstrap_queries(v, n_boot=300, seed=3)
+    with pytest.raises(ValueError, match="n_boot"):
+        stats.bootstrap_queries(v, n_boot=0)
+    with pytest.raises(ValueError, match="level"):
+        stats.percentile_interval(v, level=1.5)
+
+
+def test_bootstrap_subsets_known_cases_and_agreement_with_lds():
+    rng = np.random.default_rng(2)
+    n_q, n_pool, m = 6, 30, 20
+    member = rng.random((m, n_pool)) < 0.3
+    loss = rng.normal(size=(m, n_q))
+    s_a, s_b = rng.normal(size=(n_q, n_pool)), rng.normal(size=(n_q, n_pool))
+    pred_a, pred_b = s_a @ member.T, s_b @ member.T
+    target = -loss.T
+    # the point estimate is the difference of the LDS of metrics.lds
+    want = (ev.lds(s_a, member, loss).per_query - ev.lds(s_b, member, loss).per_query).mean()
+    r = stats.bootstrap_subsets(pred_a, target, pred_b, n_boot=300)
+    assert r["mean"] == pytest.approx(want)
+    assert r["low"] <= r["high"]
+    # a method against itself: exactly 0 on every resample
+    same = stats.bootstrap_subsets(pred_a, target, pred_a, n_boot=100)
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    # a perfect predictor alone: rho 1 on every resample (duplicated subsets tie on both sides)
+    perfect = stats.bootstrap_subsets(target * 3 + 1, target, None, n_boot=100)
+    assert perfect["mean"] == pytest.approx(1.0) and perfect["low"] == pytest.approx(1.0)
+    # the interval over subsets narrows when there are more retrained subsets to resample
+    big_t = rng.normal(size=(n_q, 400))
+    noisy = big_t + 2 * rng.normal(size=big_t.shape)
+    wide = stats.bootstrap_subsets(noisy[:, :25], big_t[:, :25], n_boot=400)
+    narrow = stats.bootstrap_subsets(noisy, big_t, n_boot=400)
+    assert narrow["high"] - narrow["low"] < 0.6 * (wide["high"] - wide["low"])
+    with pytest.raises(ValueError, match="pred_b"):
+        stats.bootstrap_subsets(pred_a, target, pred_b[:, :3])
+
+
+def test_wilcoxon_exact_and_normal_cases():
+    # n = 5, all positive: the exact two-sided p is 2 / 2^5
+    assert stats.wilcoxon_p([1, 2, 3, 4, 5]) == pytest.approx(0.0625)
+    assert stats.wilcoxon_p([-1, -2, -3, -4, -5]) == pytest.approx(0.0625)
+    assert stats.wilcoxon_p([0, 0, 1, 2, 3, 4, 5]) == pytest.approx(0.0625)  # zeros dropped
+    assert stats.wilcoxon_p([0.0, 0.0]) == 1.0
+    assert math.isnan(stats.wilcoxon_p([]))
+    # n = 60 (normal approximation): T = the smaller signed-rank sum, z = (T - n(n+1)/4) / sd
+    d = np.arange(1, 61) * np.where(np.arange(60) % 3 == 0, -1, 1)
+    ranks = np.arange(1, 61)
+    t = min(ranks[d > 0].sum(), ranks[d < 0].sum())
+    z = (t - 60 * 61 / 4) / math.sqrt(60 * 61 * 121 / 24)
+    assert stats.wilcoxon_p(d) == pytest.approx(2 * norm.sf(abs(z)), rel=1e-9)
+
+
+def test_paired_comparison_counts_groups_and_validates():
+    rng = np.random.default_rng(4)
+    target = rng.normal(size=(8, 15))
+    good = target + 0.3 * rng.normal(size=target.shape)
+    bad = rng.normal(size=target.shape)
+    facts = np.arange(8) < 3
+    r = stats.paired_comparison(good, bad, target, {"facts": facts, "heldout": ~facts,
+                                                    "all": np.ones(8, bool), "none": np.zeros(8, bool)},
+                                n_boot=200)
+    d = stats.spearman_rows(good, target) - stats.spearman_rows(bad, target)
+    assert r["mean_difference"] == pytest.approx(d.mean())
+    assert (r["a_better"], r["b_better"], r["n_queries"]) == (int((d > 0).sum()), int((d < 0).sum()), 8)
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon_p(d))
+    assert r["ci_queries"][0] <= r["mean_difference"] <= r["ci_queries"][1]
+    assert r["groups"]["facts"]["mean_difference"] == pytest.approx(d[facts].mean())
+    assert r["groups"]["facts"]["n_queries"] == 3
+    assert r["groups"]["all"]["ci_subsets"] == r["ci_subsets"]
+    assert "none" not in r["groups"]
+    with pytest.raises(ValueError, match="Group 'x'"):
+        stats.paired_comparison(good, bad, target, {"x": np.ones(3, bool)}, n_boot=10)
+
+
+def test_mean_summary_has_both_intervals():
+    rng = np.random.default_rng(5)
+    target = rng.normal(size=(10, 12))
+    pred = target + rng.normal(size=target.shape)
+    rho = stats.spearman_rows(pred, target)
+    s = stats.mean_summary(rho, pred, target, n_boot=200)
+    assert s["mean"] == pytest.approx(rho.mean()) and s["n_queries"] == 10
+    for key in ("ci_queries", "ci_subsets"):
+        assert s[key][0] <= s["mean"] <= s[key][1]
+
+
+def test_development_mask_reads_the_recorded_split():
+    ids = [f"q{i}" for i in range(20)]
+    meta = {"queries": [{"id": q} for q in ids]}
+    np.testing.assert_array_equal(stats.development_mask(meta), ev.query_split(ids))
+    recorded = {**meta, "split": stats.split_metadata(ids)}
+    np.testing.assert_array_equal(stats.development_mask(recorded), ev.query_split(ids))
+    # the recorded split wins over the rule (it is what the ground truth fixed)
+    flipped = {**meta, "split": {"development": ids[:5], "test": ids[5:]}}
+    assert stats.development_mask(flipped).tolist() == [True] * 5 + [False] * 15
+    with pytest.raises(ev.GroundTruthError, match="q5"):
+        stats.development_mask({**meta, "split": {"development": ids[:5], "test": ids[8:]}})
+
+
+# ------------------------------------------------------------------ the committed report
+
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _report() -> dict:
+    import json
+
+    return json.loads((RESULTS / "lds.json").read_text())
+
+
+def test_committed_statistics_recompute_from_the_committed_files():
+    """Every statistic of benchmarks/results/lds.json (test queries) from the committed ground
+    truth and the committed 16-bit scores alone."""
+    report = _report()
+    doc = report["statistics"]
+    assert doc["split"] == "test"
+    gt = ev.read_ground_truth(ROOT / report["ground_truth"])
+    ids = [q["id"] for q in gt.metadata["queries"]]
+    test = ~stats.development_mask(gt.metadata)
+    assert "split" in gt.metadata  # fixed in the committed metadata
+    np.testing.assert_array_equal(~test, ev.query_split(ids))
+    group = np.array(report["setting"]["query_group"])[test]
+    target = -gt.test_loss.T[test]
+    member = gt.membership().T.astype(float)
+    with_stats = {m: r for m, r in report["methods"].items() if r["status"] == "ok" and "test" in r}
+    assert {"stride", "ekfac", "tfidf"} <= set(with_stats)
+    pred = {m: ev.load_scores(ROOT / r["scores_file"], len(ids), ids).astype(float)[test] @ member
+            for m, r in with_stats.items()}
+    for m, r in with_stats.items():
+        rho = stats.spearman_rows(pred[m], target)
+        s = stats.mean_summary(rho, pred[m], target, doc["n_boot"], doc["seed"])
+        for key in ("mean", "ci_queries", "ci_subsets"):
+            assert s[key] == pytest.approx(r["test"][key], abs=1e-9), (m, key)
+        if m == "stride":
+            continue
+        groups = {g: group == g for g in ("heldout", "facts")}
+        v = stats.paired_comparison(pred[m], pred["stride"], target, groups, doc["n_boot"], doc["seed"])
+        for key in ("mean_difference", "ci_queries", "ci_subsets", "wilcoxon_p", "a_better"):
+            assert v[key] == pytest.approx(r["vs_stride"][key], abs=1e-9), (m, key)
+            for g in groups:
+                assert v["groups"][g][key] == pytest.approx(r["vs_stride"]["groups"][g][key], abs=1e-9)
+
+
+def test_evaluate_page_shows_the_committed_statistics(tmp_path, monkeypatch):
+    import shutil
+
+    from streamlit.testing.v1 import AppTest
+
+    report = _report()
+    clone = tmp_path / "clone"          # what a fresh clone holds: pages + committed results
+    clone.mkdir()
+    for name in ("app.py", "pages", ".streamlit"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, clone / name)
+    dst = clone / "benchmarks" / "results"
+    dst.mkdir(parents=True)
+    shutil.copy(RESULTS / "lds.json", dst / "lds.json")
+    shutil.copytree(ROOT / report["ground_truth"], clone / report["ground_truth"])
+    shutil.copytree(RESULTS / "lds_scores", dst / "lds_scores")
+    monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
+    at = AppTest.from_file(str(clone / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/4_Evaluate.py")
+    at.run()
+    assert not at.exception, at.exception
+    frames = [f.value for f in at.dataframe if "Wilcoxon p" in f.value.columns]
+    assert len(frames) == 1
+    table = frames[0].set_index("method")
+    for m, r in report["methods"].items():
+        if r["status"] != "ok" or "test" not in r or m.startswith("stride:"):
+            continue
+        assert table.loc[m, "LDS (test)"] == pytest.approx(r["test"]["mean"])
+        if m == "stride":
+            assert table.loc[m, "minus STRIDE"] == 0.0
+            continue
+        v = r["vs_stride"]
+        assert table.loc[m, "minus STRIDE"] == pytest.approx(v["mean_difference"])
+        assert table.loc[m, "Δ 95% CI, subsets"] == f"[{v['ci_subsets'][0]:+.3f}, {v['ci_subsets'][1]:+.3f}]"
+        assert table.loc[m, "Wilcoxon p"] == pytest.approx(v["wilcoxon_p"])
+        assert table.loc[m, "minus STRIDE, planted facts"] == pytest.approx(v["groups"]["facts"]["mean_difference"])
+    assert any("test queries" in s.value for s in at.subheader if "sure" in s.value)
+    n_test = report["setting"]["split"]["n_test"]
+    assert any(f"**{n_test} test queries**" in md.value for md in at.markdown)
+    # the split radio changes the charts above, not these test-split statistics
+    at.radio(key="eval_split").set_value("development").run()
+    assert not at.exception
+    again = [f.value for f in at.dataframe if "Wilcoxon p" in f.value.columns][0].set_index("method")
+    assert again.loc["stride", "LDS (test)"] == table.loc["stride", "LDS (test)"]
+
+
+def test_stats_frame_and_difference_figure_from_report_entries():
+    from stride_viz.app import eval_plots
+
+    def entry(mean, diff=None):
+        e = {"status": "ok", "test": {"mean": mean, "n_queries": 9, "ci_queries": [mean - 0.1, mean + 0.1],
+                                      "ci_subsets": [mean - 0.05, mean + 0.05], "groups": {"facts": mean}}}
+        if diff is not None:
+            one = {"mean_difference": diff, "ci_queries": [diff - 0.2, diff + 0.1],
+                   "ci_subsets": [diff - 0.1, diff + 0.05], "wilcoxon_p": 0.01, "n_queries": 9,
+                   "a_better": 2, "b_better": 7}
+            e["vs_stride"] = {**one, "groups": {"facts": one}}
+        return e
+
+    methods = {"stride": entry(0.5), "<b>peer</b>": entry(0.3, -0.2), "gone": {"status": "failed"}}
+    df = eval_plots.stats_frame(methods).set_index("method")
+    assert list(df.index) == ["stride", "<b>peer</b>"]
+    assert df.loc["<b>peer</b>", "Δ 95% CI, queries"] == "[-0.400, -0.100]"
+    assert df.loc["<b>peer</b>", "better / worse than STRIDE (queries)"] == "2 / 7"
+    assert df.loc["<b>peer</b>", "minus STRIDE, planted facts"] == -0.2
+    assert df.loc["stride", "minus STRIDE"] == 0.0
+    fig = eval_plots.difference_figure(methods)
+    assert len(fig.data) == 2  # interval over queries, interval over subsets
+    q = fig.data[0]
+    assert list(q.x) == [-0.2] and list(q.error_x.arrayminus) == pytest.approx([0.2])
+    assert "<b>" not in "".join(fig.layout.yaxis.ticktext)  # user text is escaped
