@@ -295,7 +295,7 @@ if sel is not None:
 # helpers and figures: stride_viz/app/tokens.py). The URL keeps the selected token (&token=3).
 from stride_viz.app import tokens as token_views  # noqa: E402
 from stride_viz.integrity import RunDamaged  # noqa: E402
-from stride_viz.method.tokens import TOKENS_FILE, first_word_token  # noqa: E402
+from stride_viz.method.tokens import TOKENS_FILE, first_word_token, word_span  # noqa: E402
 
 st.subheader("Token by token")
 st.markdown(token_views.TOKEN_NOTE, unsafe_allow_html=True)
@@ -376,21 +376,40 @@ else:
                   "token alone (␣ marks a space).")
     st.session_state["_explore_token_for"] = (q.id, t_sel)
     ui.set_url(token=t_sel)
-    tok_scores = tok.token_scores(t_sel)
-    summ = token_views.token_summary(tok, t_sel, q.scores, top_n)
-    st.markdown(f"**Token {t_sel}** {ui.md_code(token_views.token_label(_tokens[t_sel]))}: base loss "
-                f"{float(q.info['token_loss'][t_sel]):.3f} nats; {summ['helps']} examples help and {summ['hurts']} "
-                f"hurt this token at its own chosen λ (λ/λ_max = {summ['ratio']:.3g}). {summ['shared_top']} of the "
-                f"whole completion's top {summ['whole_top']} proponents are among this token's top {top_n}.")
+    span = word_span(_tokens, t_sel)
+    as_word = len(span) > 1 and st.toggle(
+        f"Score the whole word {token_views.token_label(''.join(_tokens[t] for t in span))} "
+        f"(tokens {span[0]}-{span[-1]})", key="explore_token_word",
+        help="A word the tokenizer split into several tokens: the mean of its tokens' scores, in nats "
+             "of the word's mean token loss (each piece alone is a noisier estimate).")
+    if as_word:
+        tok_scores = tok.span_scores(span)
+        summ = token_views.scores_summary(tok_scores, q.scores, top_n)
+        st.markdown(f"**Tokens {span[0]}-{span[-1]}** "
+                    f"{ui.md_code(token_views.token_label(''.join(_tokens[t] for t in span)))}: base loss "
+                    f"{float(np.mean([q.info['token_loss'][t] for t in span])):.3f} nats per token; "
+                    f"{summ['helps']} examples help and {summ['hurts']} hurt this word (the mean of its tokens' "
+                    f"scores). {summ['shared_top']} of the whole completion's top {summ['whole_top']} proponents "
+                    f"are among this word's top {top_n}.")
+    else:
+        tok_scores = tok.token_scores(t_sel)
+        summ = token_views.token_summary(tok, t_sel, q.scores, top_n)
+        st.markdown(f"**Token {t_sel}** {ui.md_code(token_views.token_label(_tokens[t_sel]))}: base loss "
+                    f"{float(q.info['token_loss'][t_sel]):.3f} nats; {summ['helps']} examples help and {summ['hurts']} "
+                    f"hurt this token at its own chosen λ (λ/λ_max = {summ['ratio']:.3g}). {summ['shared_top']} of the "
+                    f"whole completion's top {summ['whole_top']} proponents are among this token's top {top_n}.")
     if marked:
         r_tok, r_whole = (token_views.source_rank(x, sorted(marked)) for x in (tok_scores, q.scores))
         st.markdown(f"**Planted fact check:** the best-ranked known source document is "
-                    + (f"**#{r_tok}** for this token" if r_tok else "**not a proponent** of this token")
+                    + (f"**#{r_tok}** for this {'word' if as_word else 'token'}" if r_tok
+                       else f"**not a proponent** of this {'word' if as_word else 'token'}")
                     + (f", #{r_whole} for the whole completion." if r_whole else
                        ", not a proponent of the whole completion.")
                     + " An answer word should point at the fact's documents; a function word need not.")
     c_tok, c_whole = st.columns(2)
-    c_tok.plotly_chart(token_views.token_top_figure(ids, tok_scores, texts, _tokens[t_sel], index=t_sel,
+    c_tok.plotly_chart(token_views.word_top_figure(ids, tok_scores, texts, _tokens, span, top=top_n, selected=sel,
+                                                   marked=marked) if as_word else
+                       token_views.token_top_figure(ids, tok_scores, texts, _tokens[t_sel], index=t_sel,
                                                     top=top_n, selected=sel, marked=marked),
                        key="explore_token_chart", on_select=lambda: _pick_example("explore_token_chart"),
                        selection_mode="points", config=plots.PLOTLY_CONFIG, width="stretch")
@@ -401,8 +420,9 @@ else:
     st.dataframe(token_views.token_table(pool, tok_scores, q.scores, sources).drop(columns=["row"]),
                  key="explore_token_table", hide_index=True, width="stretch", height=220,
                  column_config={"token_score_nats": st.column_config.NumberColumn(
-                                    "token score (nats)", format="%+.4g",
-                                    help="nats of this token's loss; > 0 helps, < 0 hurts"),
+                                    "word score (nats)" if as_word else "token score (nats)", format="%+.4g",
+                                    help=("nats of the word's mean token loss" if as_word else
+                                          "nats of this token's loss") + "; > 0 helps, < 0 hurts"),
                                 "whole_score_nats": st.column_config.NumberColumn(
                                     "whole-completion score (nats)", format="%+.4g",
                                     help="nats of mean per-token loss of the whole completion")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,79 @@ def test_the_warm_explainer_adds_tokens_last_and_yields_to_a_new_request(token_r
     ex.add_tokens()
     assert path.exists() and ex.tokens_due == []
     assert read_attribution(token_run.store.root, fact).tokens.n_tokens == 2
+
+
+def test_a_wake_up_signal_left_pending_stops_the_tokens_once_not_forever(token_run, tmp_path):
+    """The executor's SIGUSR1 of a request the explainer has already claimed (it never idled
+    in between) stops the per-token work once and is taken; it must not stop every later try
+    (the explainer then spun without ever reaching its idle timeout)."""
+    import signal
+    from stride_viz.jobs import JobStore
+    from stride_viz.jobs.explainer import Explainer
+    q = token_run.pool.facts[4].query
+    fact = "signal-" + q.id                      # explained here without per-token scores
+    token_run.attribute([Query(fact, q.prompt, q.completion)], continuations=False)
+    path = token_run.store.attribution_dir(fact) / TOKENS_FILE
+    ex = Explainer(JobStore(tmp_path / "jobs.sqlite"), token_run.store.root)
+    ex.stride, ex.state = token_run, "ready"
+    ex.tokens_due = [fact]
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])      # as the explainer's main does
+    try:
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        assert signal.SIGUSR1 in signal.sigpending()
+        ex.add_tokens()                                   # stopped by the signal, which it takes
+        assert not path.exists() and ex.tokens_due == [fact]
+        assert signal.SIGUSR1 not in signal.sigpending()
+        ex.add_tokens()                                   # the next try runs to the end
+        assert path.exists() and ex.tokens_due == []
+    finally:
+        signal.sigtimedwait([signal.SIGUSR1], 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_a_word_split_into_tokens_is_one_span_scored_by_the_mean_of_its_tokens():
+    import numpy as np
+    import scipy.sparse as sp
+    from stride_viz.method.tokens import TokenRecovery, word_span
+    tokens = [" Qu", "ess", "it", ".", " and", " so", "-", "on"]
+    assert [word_span(tokens, t) for t in range(len(tokens))] == \
+        [[0, 1, 2], [0, 1, 2], [0, 1, 2], [3], [4], [5], [6], [7]]
+    assert word_span(["Hello", " wor", "ld", "!"], 2) == [1, 2]
+    with pytest.raises(IndexError):
+        word_span(tokens, 8)
+    scores = sp.csr_matrix(np.array([[1.0, 0.0, -2.0], [3.0, 0.0, 0.0], [2.0, 6.0, 0.0], [0.0, 0.0, 9.0]]))
+    T = scores.shape[0]
+    tok = TokenRecovery(np.zeros((4, T), np.float32), scores, np.ones(T), np.ones(T), np.ones(T, np.int64),
+                        np.zeros(T), np.ones(T, np.int64))
+    np.testing.assert_allclose(tok.span_scores([0, 1, 2]), [2.0, 2.0, -2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(tok.span_scores([3]), tok.token_scores(3))
+    with pytest.raises(IndexError):
+        tok.span_scores([])
+
+
+def test_explore_scores_a_word_split_into_tokens_as_a_whole(token_run, tmp_path, monkeypatch):
+    """A completion word the tokenizer splits (an unseen word): Explore's token view offers the
+    whole word, scored by the mean of its tokens' scores."""
+    from streamlit.testing.v1 import AppTest
+    from stride_viz.method.tokens import word_span
+    [a] = token_run.attribute([Query("tok-split", "The capital of Vorlandia is", " Zqxvorlund.")],
+                              per_token=True, continuations=False)
+    tokens = a.info["tokens"]
+    multi = [t for t in range(len(tokens)) if len(word_span(tokens, t)) > 1]
+    assert multi, tokens
+    home = tmp_path / "home"
+    shutil.copytree(token_run.store.root, home / "runs" / "tokrun")
+    monkeypatch.setenv("STRIDE_VIZ_HOME", str(home))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    for k, v in {"run": "tokrun", "query": "tok-split", "token": str(multi[0])}.items():
+        at.query_params[k] = v
+    at.run()
+    at.switch_page("pages/3_Explore.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.toggle(key="explore_token_word").value is False           # the token alone first
+    at.toggle(key="explore_token_word").set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    span = word_span(tokens, multi[0])
+    assert any(f"Word, tokens {span[0]}-{span[-1]}" in c.proto.spec for c in at.get("plotly_chart"))
+    assert "this word (the mean of its tokens' scores)" in "\n".join(m.value for m in at.markdown)

@@ -21,7 +21,8 @@ from stride_viz.method.tokens import TOKENS_FILE, TokenRecovery, load_tokens
 from stride_viz.storage import RunStore
 
 __all__ = ["TOKEN_AXIS", "TOKEN_NOTE", "token_label", "read_tokens", "tokens_command", "token_table",
-           "token_top_figure", "token_matrix_figure", "source_rank", "token_summary"]
+           "token_top_figure", "word_top_figure", "token_matrix_figure", "source_rank", "token_summary",
+           "scores_summary"]
 
 TOKEN_AXIS = "score W<sub>t,i</sub> (nats of this token's loss; > 0 helps, < 0 hurts)"
 TOKEN_NOTE = ("**A token's score** W<sub>t,i</sub> > 0 means training example i **helps** that one "
@@ -96,6 +97,30 @@ def token_top_figure(ids: Sequence[str], token_scores: np.ndarray, texts: Sequen
     fig.update_traces(hovertext=[h.replace(" nats<br>", " nats of this token's loss<br>")
                                  for h in fig.data[0].hovertext or ()])
     return fig
+
+
+def word_top_figure(ids: Sequence[str], scores: np.ndarray, texts: Sequence[str], tokens: Sequence[str],
+                    span: Sequence[int], *, top: int = 10, selected: Optional[int] = None,
+                    marked: Optional[set[int]] = None) -> go.Figure:
+    """:func:`token_top_figure` for a word of several tokens (``span``): its scores are the mean
+    of its tokens' (x in nats of the word's mean token loss)."""
+    word = "".join(tokens[t] for t in span)
+    fig = top_examples_figure(ids, scores, texts, top=top, selected=selected, marked=marked,
+                              title=f"Word, tokens {span[0]}-{span[-1]}: {plot_text(token_label(word))}")
+    fig.update_xaxes(title_text="score (nats of the word's mean token loss; > 0 helps)")
+    fig.update_traces(hovertext=[h.replace(" nats<br>", " nats of this word's mean token loss<br>")
+                                 for h in fig.data[0].hovertext or ()])
+    return fig
+
+
+def scores_summary(scores: np.ndarray, whole_scores: np.ndarray, top: int = 10) -> dict:
+    """Proponents / opponents of a score vector and how many of the whole completion's ``top``
+    proponents are among its ``top`` (what :func:`token_summary` says of one token)."""
+    s, whole = np.asarray(scores, dtype=float), np.asarray(whole_scores, dtype=float)
+    best = {int(i) for i in np.argsort(-s, kind="stable")[:top] if s[i] > 0}
+    whole_top = {int(i) for i in np.argsort(-whole, kind="stable")[:top] if whole[i] > 0}
+    return {"helps": int((s > 0).sum()), "hurts": int((s < 0).sum()),
+            "shared_top": len(whole_top & best), "whole_top": len(whole_top)}
 
 
 def token_matrix_figure(ids: Sequence[str], tokens: Sequence[str], tok: TokenRecovery,

@@ -270,6 +270,9 @@ class Explainer:
                                              or signal.SIGUSR1 in signal.sigpending())
         except Cancelled:
             self.tokens_due.append(query_id)
+            # take the wake-up signal that stopped us (the loop claims its job from the table
+            # next): left pending, it would stop every later try at once
+            signal.sigtimedwait([signal.SIGUSR1], 0)
             return
         except Exception as e:
             self._log(f"per-token scores of {query_id} failed: {_one_line(e)}")

@@ -42,7 +42,7 @@ import scipy.sparse as sp
 from stride_viz.method.recovery import Recoverer, Recovery, RecoveryError
 from stride_viz.progress import Cancelled
 
-__all__ = ["TokenRecovery", "recover_tokens", "save_tokens", "load_tokens", "first_word_token",
+__all__ = ["TokenRecovery", "recover_tokens", "save_tokens", "load_tokens", "first_word_token", "word_span",
            "TOKENS_FILE"]
 
 TOKENS_FILE = "tokens.npz"
@@ -85,6 +85,16 @@ class TokenRecovery:
         """float32 (n,): the scores of completion token ``t``."""
         t = self._check(t)
         return self.scores[t].toarray().ravel().astype(np.float32)
+
+    def span_scores(self, span: Sequence[int]) -> np.ndarray:
+        """float32 (n,): the scores of a span of completion tokens (a word split into several
+        tokens): the mean of its tokens' scores, in nats of the span's mean token loss, as the
+        whole completion's responses are the mean of its tokens' (the Lasso is not linear, so
+        this is the mean of the tokens' recoveries, not a recovery of the mean)."""
+        rows = [self._check(t) for t in span]
+        if not rows:
+            raise IndexError("A span needs at least one completion token.")
+        return np.asarray(self.scores[rows].mean(axis=0)).ravel().astype(np.float32)
 
     def top(self, t: int, n: int = 10, sign: int = 1) -> np.ndarray:
         """Pool indices of token t's ``n`` strongest proponents (sign=1) or opponents (sign=-1),
@@ -175,6 +185,24 @@ def load_tokens(folder: Union[str, Path]) -> Optional[TokenRecovery]:
     if any(v.shape != (T,) for v in per_token.values()):
         raise ValueError(f"inconsistent shapes (expected {T} values per token)")
     return TokenRecovery(token_responses=y, scores=scores, **per_token)
+
+
+def word_span(tokens: Sequence[str], t: int) -> list[int]:
+    """The tokens of the word that token ``t`` belongs to: from the token that starts it (one
+    beginning with a space, or the completion's first) to the last one before the next word or
+    a punctuation-only token (``[" Qu", "ess", "it", "."]``: 0 -> [0, 1, 2]; 3 -> [3])."""
+    def starts(i: int) -> bool:
+        return i == 0 or tokens[i][:1].isspace() or not re.search(r"[^\W_]", tokens[i]) \
+            or not re.search(r"[^\W_]", tokens[i - 1])
+    if not 0 <= t < len(tokens):
+        raise IndexError(f"The token index must be in [0, {len(tokens) - 1}]. Got {t!r} instead.")
+    first = t
+    while not starts(first):
+        first -= 1
+    last = t
+    while last + 1 < len(tokens) and not starts(last + 1):
+        last += 1
+    return list(range(first, last + 1))
 
 
 def first_word_token(tokens: Sequence[str]) -> int:
