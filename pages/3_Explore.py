@@ -39,11 +39,7 @@ by_name = {r.name: r for r in all_runs}
 goto = st.session_state.pop("_explore_goto", None)   # a prompt just explained: show it
 if goto and goto["run"] in by_name:
     st.session_state.update(explore_run=goto["run"], explore_query=goto["query"], explore_example="")
-if st.session_state.get("explore_run") not in by_name:
-    if st.session_state.get("explore_run"):
-        st.warning(f"Run {ui.md_code(st.session_state['explore_run'])} from the link was not found here; "
-                   f"showing the most recent run instead.")
-    st.session_state["explore_run"] = all_runs[0].name
+ui.keep_linked_run("explore_run", by_name, all_runs[0].name)
 
 # ----------------------------------------------------------------------------- selectors
 with st.sidebar:

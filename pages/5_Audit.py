@@ -27,20 +27,11 @@ st.markdown(
     "the query's median, over a robust standard deviation). A document is **flagged** when its statistic is "
     "an outlier among all documents' (its own robust z, the *outlier z*, at least the threshold).")
 
-fitted = [r for r in ui.runs() if r.fitted]
-if not fitted:
-    st.info("No fitted run yet. Launch one from the Launch page (or the demo); it appears here once its "
-            "operators are fitted.")
-    st.page_link("pages/1_Launch.py", label="Go to Launch", icon=":material/rocket_launch:")
-    st.stop()
+fitted = ui.fitted_runs_or_stop()
 
 ui.init_from_url({"run": "audit_run"})
 by_name = {r.name: r for r in fitted}
-if st.session_state.get("audit_run") not in by_name:
-    if st.session_state.get("audit_run"):
-        st.warning(f"Run {ui.md_code(st.session_state['audit_run'])} from the link was not found here; "
-                   f"showing the most recent fitted run instead.")
-    st.session_state["audit_run"] = fitted[0].name
+ui.keep_linked_run("audit_run", by_name, fitted[0].name, "fitted run")
 with st.sidebar:
     st.selectbox("Run", list(by_name), key="audit_run", format_func=lambda n: by_name[n].label(),
                  help="A model + pool + settings whose operators are fitted.")

@@ -31,12 +31,7 @@ st.markdown(
     "- **backprojection**: the mean of the dense back-projection estimate instead of the Lasso scores.\n\n"
     "Ties (examples with no evidence for any target) are broken by the mean back-projection.")
 
-fitted = [r for r in ui.runs() if r.fitted]
-if not fitted:
-    st.info("No fitted run yet. Launch one from the Launch page (or the demo); it appears here once its "
-            "operators are fitted.")
-    st.page_link("pages/1_Launch.py", label="Go to Launch", icon=":material/rocket_launch:")
-    st.stop()
+fitted = ui.fitted_runs_or_stop()
 
 by_name = {r.name: r for r in fitted}
 if st.session_state.get("select_run") not in by_name:

@@ -60,3 +60,22 @@ def fitted_run(tmp_path_factory, tiny_model, tiny_pool):
     run.fit()
     run.attribute(fact_queries(tiny_pool))
     return run
+
+
+@pytest.fixture
+def page_home(tmp_path_factory, tmp_path, monkeypatch):
+    """A data directory with a private copy of the tiny demo run of dashboard_run.py: (home,
+    run folder); jobs still active at the end are cancelled."""
+    import shutil
+    from dashboard_run import tiny_demo_home, tiny_demo_info
+    info = tiny_demo_info(tiny_demo_home(tmp_path_factory))
+    monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = tmp_path / "runs" / Path(info["run_dir"]).name
+    shutil.copytree(info["run_dir"], run)
+    yield tmp_path, run
+    from stride_viz.jobs import JobStore, LocalProcessExecutor
+    store = JobStore(tmp_path / "jobs.sqlite")
+    for job in store.list():
+        if job.active:
+            LocalProcessExecutor(store).cancel(job.id)

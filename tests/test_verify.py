@@ -101,22 +101,6 @@ def test_limits_and_bad_parameters_are_refused_with_one_line(fitted_run):
 
 # ----------------------------------------------------------------------------- the Explore panel
 
-@pytest.fixture
-def page_home(tmp_path_factory, tmp_path, monkeypatch):
-    """A data directory with a private copy of the tiny demo run of dashboard_run.py."""
-    from pathlib import Path
-    from dashboard_run import tiny_demo_home, tiny_demo_info
-    info = tiny_demo_info(tiny_demo_home(tmp_path_factory))
-    monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run = tmp_path / "runs" / Path(info["run_dir"]).name
-    shutil.copytree(info["run_dir"], run)
-    yield tmp_path, run
-    from stride_viz.jobs import JobStore, LocalProcessExecutor
-    store = JobStore(tmp_path / "jobs.sqlite")
-    for job in store.list():
-        if job.active:
-            LocalProcessExecutor(store).cancel(job.id)
 
 
 def _explore(run_name: str, query: str):

@@ -265,6 +265,27 @@ def runs() -> list[report.RunInfo]:
     return report.list_runs(data_home())
 
 
+def fitted_runs_or_stop() -> list[report.RunInfo]:
+    """The fitted runs, newest first; with none, the page says how to get one and stops."""
+    fitted = [r for r in runs() if r.fitted]
+    if not fitted:
+        st.info("No fitted run yet. Launch one from the Launch page (or the demo); it appears here once its "
+                "operators are fitted.")
+        st.page_link("pages/1_Launch.py", label="Go to Launch", icon=":material/rocket_launch:")
+        st.stop()
+    return fitted
+
+
+def keep_linked_run(key: str, names: Any, default: str, what: str = "run") -> None:
+    """Make ``st.session_state[key]`` one of ``names``: a run named by a link that is not here is
+    replaced by ``default`` (the most recent ``what``) with a warning saying so."""
+    if st.session_state.get(key) not in names:
+        if st.session_state.get(key):
+            st.warning(f"Run {md_code(st.session_state[key])} from the link was not found here; "
+                       f"showing the most recent {what} instead.")
+        st.session_state[key] = default
+
+
 def run_info(path: str) -> report.RunInfo:
     p = Path(path)
     return _run_info(path, (_mtime(p / "run.json"), _mtime(p / "operators.safetensors"),
