@@ -72,6 +72,27 @@ def test_sparsity_path_draws_highlighted_lines_chosen_lambda_and_cv_curve():
     assert len(chosen) == 2 and all(np.isclose(s.x0, ratios[7]) for s in chosen)
     with pytest.raises(ValueError, match="path length"):
         plots.sparsity_path_figure(ratios[:-1], coefs, nonzeros, cv, cv, 0, ids)
+    # the counts (right axis) share the lower panel's x axis, and the top panel follows it
+    assert nz_trace.yaxis == "y3" and fig.layout.yaxis3.overlaying == "y2" and fig.layout.xaxis.matches == "x2"
+
+
+def test_sparsity_path_draws_the_other_examples_as_one_trace_that_still_names_each_point():
+    ids, _ = _pool(8)
+    L = 5
+    ratios = np.logspace(0, -2, L)
+    coefs = np.zeros((L, 8))
+    coefs[2:, :] = np.arange(1, 9) * 0.01            # every example enters at the third λ
+    fig = plots.sparsity_path_figure(ratios, coefs, (coefs != 0).sum(1), np.ones(L), np.zeros(L), 3, ids,
+                                     highlight=[7], background=4)
+    grey = [t for t in fig.data if t.name == "other examples"]
+    assert len(grey) == 1                             # one trace, however many lines
+    g = grey[0]
+    x, y, rows = np.asarray(g.x, float), np.asarray(g.y, float), np.asarray(g.customdata)
+    assert len(x) == 4 * (L + 1) and np.isnan(x[L::L + 1]).all()    # a gap after each line
+    assert sorted(set(rows.tolist())) == [3, 4, 5, 6]  # the 4 largest after the highlighted one
+    for i in (3, 6):                                   # each point carries its own example
+        np.testing.assert_allclose(y[rows == i][:L], coefs[:, i])
+        assert set(np.asarray(g.text)[rows == i]) == {ids[i]}
 
 
 def test_responses_split_by_membership_and_sorted_with_operator_ids():
