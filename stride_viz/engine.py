@@ -315,6 +315,12 @@ class Stride:
                              "non-empty completion (or none, to let the model complete it).")
         return enc
 
+    def check_query(self, query: Query) -> None:
+        """Raise :class:`QueryError` (one line saying what to change) if ``query``, which has a
+        completion, cannot be explained by this run: too long for the model, or no completion
+        token to score. Cheap (tokenisation only): check a batch before spending time on it."""
+        self._encode_query(query)
+
     def measure(self, query: Query) -> QueryResponses:
         """Stage 3 alone: the K responses of a query with a completion."""
         return measure(self.lm, self.operators, self.config.mode, self._encode_query(query),
@@ -335,7 +341,7 @@ class Stride:
         # validate every query before spending time on any of them
         for q in queries:
             if q.completion:
-                self._encode_query(q)
+                self.check_query(q)
             elif not q.prompt:
                 raise QueryError(f"Query {q.id!r} has neither a prompt nor a completion.")
         timer = StageTimer("attribute", len(queries), progress, min_interval=0.0)

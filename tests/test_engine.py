@@ -192,6 +192,12 @@ def test_bad_queries_are_refused_before_any_work(fitted_run):
         fitted_run.attribute([Query("ok", "Hello", " there"), Query("long", "word " * 400, " end")])
     with pytest.raises(QueryError, match="unique"):
         fitted_run.attribute([Query("a", "x", " y"), Query("a", "x", " z")])
+    # the same check, public for callers that batch queries (select, audit)
+    with pytest.raises(QueryError, match="no completion token"):
+        fitted_run.check_query(Query("empty", "Hello", ""))
+    with pytest.raises(QueryError, match="reads at most 128"):
+        fitted_run.check_query(Query("long", "word " * 400, " end"))
+    fitted_run.check_query(Query("ok", "Hello", " there"))
     assert set(fitted_run.store.query_ids()) == before
 
 

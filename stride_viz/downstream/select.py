@@ -157,7 +157,7 @@ def select(run, targets: Sequence[Query], budget: Union[int, float, str], how: s
         if not q.completion:
             raise SelectionError(f"Target {q.id!r} has no completion: a target must be text to make "
                                  f"likely ('text', or 'prompt' and 'completion').")
-        run._encode_query(q)                        # too long / nothing to score: QueryError now
+        run.check_query(q)                          # too long / nothing to score: QueryError now
     timer = StageTimer("select", len(targets), progress, min_interval=0.0)
     recoverer = run.recoverer(recovery)
     scores, bps, losses = [], [], []
