@@ -126,7 +126,7 @@ def weights_hash(model: torch.nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         # view as bytes: works for every dtype, including bfloat16 that numpy lacks
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")  # no copy
     return h.hexdigest()[:16]
 
 
