@@ -2,6 +2,7 @@
 
     python benchmarks/demo_model.py                                   # the shipped checkpoint
     python benchmarks/demo_model.py --train '{"epochs": 12, "fact_repeats": 8}'   # a candidate recipe
+    python benchmarks/demo_model.py --model DIR --recall --fit '{"fidelity_temperature": 2}'   # another fit
     python benchmarks/demo_model.py --train '{"n_embd": 256}' --curve 2 --model DIR   # facts said while training
     python benchmarks/demo_model.py --fit-cost 2x128,4x128,6x128,2x256 --record     # what depth/width cost the fit
 
@@ -82,10 +83,10 @@ def measure(folder: Path) -> dict:
             "free_prompts": {p: generate(lm, model.tokenizer, p, 32)[0] for p in FREE_PROMPTS}}
 
 
-def attribution_quality(folder: Path) -> dict:
+def attribution_quality(folder: Path, fit: dict | None = None) -> dict:
     """recall@10 and MRR of the planted facts' own documents when STRIDE (the default
-    FitConfig, a fresh run folder) explains the 34 fact queries on the model in ``folder``:
-    what ``python -m stride_viz demo`` reports, without the continuations."""
+    FitConfig with the settings ``fit``, a fresh run folder) explains the 34 fact queries on the
+    model in ``folder``: what ``python -m stride_viz demo`` reports, without the continuations."""
     import tempfile
     from stride_viz.config import FitConfig
     from stride_viz.data.models import load_model
@@ -96,12 +97,12 @@ def attribution_quality(folder: Path) -> dict:
     pool = load_pool("fortunes+facts")
     model = load_model(str(folder), device="cpu")
     with tempfile.TemporaryDirectory(prefix="demo-recall-") as tmp:
-        run = Stride.create_or_open(tmp, model, pool, FitConfig())
+        run = Stride.create_or_open(tmp, model, pool, FitConfig(**(fit or {})))
         c0 = time.process_time()
         run.fit()
         c1 = time.process_time()
         metrics = fact_metrics(pool, run.attribute(fact_queries(pool), continuations=False))
-    return {**metrics, "fit_cpu_seconds": round(c1 - c0, 1),
+    return {**metrics, **({"fit": fit} if fit else {}), "fit_cpu_seconds": round(c1 - c0, 1),
             "attribute_cpu_seconds": round(time.process_time() - c1, 1)}
 
 
@@ -219,6 +220,9 @@ def main() -> None:
     ap.add_argument("--recall", action="store_true",
                     help="also fit STRIDE on the model and measure recall@10 / MRR of the fact documents "
                          "(about 3 CPU minutes)")
+    ap.add_argument("--fit", default=None, metavar="JSON",
+                    help="with --recall: FitConfig settings other than the defaults, e.g. "
+                         "'{\"fidelity_temperature\": 2}'")
     ap.add_argument("--fit-cost", default=None, metavar="SHAPES",
                     help="comma-separated LAYERSxWIDTH shapes (e.g. 2x128,4x128,2x256): CPU seconds "
                          "of a short demo fit for each; with --record, stored under fit_cost")
@@ -261,7 +265,7 @@ def main() -> None:
         row["recipe"] = {**made.get("settings", {}), "seed": made.get("seed")}
     row.update(measure(folder))
     if args.recall:
-        row["attribution"] = attribution_quality(folder)
+        row["attribution"] = attribution_quality(folder, json.loads(args.fit) if args.fit else None)
     row.update(command=" ".join(["python", "benchmarks/demo_model.py", *sys.argv[1:]]),
                load_average=[round(x, 2) for x in os.getloadavg()])
     print(json.dumps(row, indent=1))

@@ -35,7 +35,7 @@ def _measure(pool_size: int, subsets: int, epochs: float | None, queries: int) -
     from stride_viz.data.models import load_model
     from stride_viz.data.pools import fact_queries, load_pool, make_pool
 
-    if pool_size <= 3115:
+    if pool_size <= len(load_pool("fortunes+facts")):
         pool = load_pool("fortunes+facts", limit=pool_size)
     else:   # grow past the built-in pool with more fortunes (facts stay where they are)
         base, extra = load_pool("fortunes+facts"), load_pool("fortunes")
@@ -91,14 +91,16 @@ def main() -> None:
     result: dict = {"machine": {"cpus": __import__("os").cpu_count(),
                                 "load_average_at_start": __import__("os").getloadavg()},
                     "started": time.ctime(), "scaling_epochs": a.epochs}
+    from stride_viz.data.pools import load_pool
+    n_demo = str(len(load_pool("fortunes+facts")))      # the whole built-in demo pool
     if "quality" in a.only:
         from stride_viz.config import FitConfig
 
-        result["quality_defaults"] = _child(["3115", str(FitConfig().subsets), "0", "0"])
+        result["quality_defaults"] = _child([n_demo, str(FitConfig().subsets), "0", "0"])
     if "pool" in a.only:
         result["pool_scaling"] = [_child([str(n), "512", str(a.epochs), "5"]) for n in pools]
     if "subsets" in a.only:
-        result["subset_scaling"] = [_child(["3115", str(k), str(a.epochs), "5"]) for k in ks]
+        result["subset_scaling"] = [_child([n_demo, str(k), str(a.epochs), "5"]) for k in ks]
     text = json.dumps(result, indent=1)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)

@@ -29,7 +29,7 @@ __all__ = ["main", "build_parser"]
 
 _FIT_FLAGS = ("subsets", "per_example", "rank", "layer", "mode", "inner_rank", "vocabulary", "seed",
               "epochs", "batch_size", "lr", "warmup", "stability_weight", "linearity_weight",
-              "max_length", "tokens_per_example", "linearity_every", "probe_queries",
+              "max_length", "tokens_per_example", "fidelity_temperature", "linearity_every", "probe_queries",
               "linearity_operators", "cache", "cache_memory_mb", "precision", "checkpoint_every",
               "keep_checkpoint", "device")
 # settings that do not change a fit's result: allowed when `fit --run` continues a run alone

@@ -114,6 +114,14 @@ class FitConfig:
     sketch_dim: int = _f(64, "q: columns of the Johnson-Lindenstrauss sketch M R.")
     sketch_ridge: float = _f(1e-3, "gamma: ridge term of the sketch projection.")
     max_length: int = _f(64, "Training examples are truncated to this many tokens.")
+    fidelity_temperature: float = _f(1.0, "T: the fidelity loss scores the steered logits base / T + "
+                                          "shift instead of base + shift (logits-space modes, "
+                                          "vocabulary 'pool' or 'full'). T > 1 softens what the "
+                                          "model already predicts with certainty, so a training "
+                                          "example the model has memorised (its tokens' loss near 0) "
+                                          "still teaches its operators to raise its tokens; the "
+                                          "measurement is unchanged (T = 1). 1: the loss as the "
+                                          "method defines it.")
     tokens_per_example: int = _f(24, "Logits-space modes: scored tokens of an example (and of a "
                                      "linearity probe) used per step, drawn at random when it has "
                                      "more (an unbiased estimate of its loss); the step's cost "
@@ -174,6 +182,12 @@ class FitConfig:
         _check_range(self, "sketch_ridge", 0, 1e6, lo_open=True)
         _check_range(self, "max_length", 2, 1_000_000, integer=True)
         _check_range(self, "tokens_per_example", 1, 1_000_000, integer=True)
+        _check_range(self, "fidelity_temperature", 0, 1000, lo_open=True)
+        if self.fidelity_temperature != 1.0 and (self.mode == "residual" or self.vocabulary == "subset"):
+            raise ConfigError(f"The 'fidelity_temperature' parameter of FitConfig applies to the "
+                              f"logits-space modes with vocabulary 'pool' or 'full'; use 1 with mode "
+                              f"{self.mode!r} and vocabulary {self.vocabulary!r}. Got "
+                              f"{self.fidelity_temperature!r} instead.")
         _check_range(self, "checkpoint_every", 1, 1_000_000, integer=True)
         if not isinstance(self.keep_checkpoint, bool):
             raise ConfigError(f"The 'keep_checkpoint' parameter of FitConfig must be true or false. "
@@ -186,9 +200,12 @@ class FitConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> dict:
-        """The fields that define the fit's result (the device does not)."""
+        """The fields that define the fit's result (the device does not). A fidelity
+        temperature of 1 (the loss as it was before the setting existed) is left out, so runs
+        made before it keep their folder names and reopen unchanged."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.metadata.get("fingerprint", True)}
+                if f.metadata.get("fingerprint", True)
+                and not (f.name == "fidelity_temperature" and self.fidelity_temperature == 1.0)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FitConfig":

@@ -1,6 +1,6 @@
 """The built-in demo: the demo model and the ``fortunes+facts`` pool, fitted and explained.
 
-The pool plants invented facts, each stated by 3-5 documents, so the demo can say how often
+The pool plants invented facts, each stated by 7-8 documents, so the demo can say how often
 STRIDE finds a fact's own source documents among its top 10 (recall@10) and how high the
 first one ranks (MRR). Used by ``python -m stride_viz demo`` and by the dashboard's demo job.
 """

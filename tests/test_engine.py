@@ -226,3 +226,52 @@ def test_generation_with_the_key_value_cache_equals_full_recomputation(tiny_mode
         row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
         expected.append(tok.decode(row, skip_special_tokens=True))
     assert texts == expected
+
+
+def test_fidelity_temperature_softens_the_base_in_the_fidelity_loss_only(tiny_model, tiny_pool):
+    from stride_viz.method.cache import build_cache, tokenize_pool
+    from stride_viz.method.training import Trainer
+
+    cfg = FitConfig(**TINY_FIT)
+    lm = FrozenLM(tiny_model.model, cfg.layer)
+    tokens = tokenize_pool(tiny_model.tokenizer, tiny_pool.prompts, tiny_pool.completions, cfg.max_length)
+    cache = build_cache(lm, tokens, cfg.mode, cfg.vocabulary)
+    membership = design_subsets(len(tiny_pool), cfg.subsets, cfg.per_example, cfg.seed)
+    trainer = Trainer(lm, cache, membership, cfg)
+    examples = np.arange(6)
+    ops = trainer.member_of[torch.as_tensor(examples)][:, :2]
+    # zero operators: the steered loss is the base model's cross-entropy at temperature T
+    ids, msk = cache.scored_rows(examples, None, None)
+    base_c = lm.column_logits(cache.final.take(ids), cache.columns).double()
+    _, col = cache.targets_at(ids)
+    rest = cache.rest_at(ids)
+    msk = torch.as_tensor(msk, dtype=torch.float64)
+    for t in (1.0, 2.5):
+        logits = base_c / t
+        full = torch.logsumexp(logits, -1)
+        if rest is not None:
+            full = torch.logaddexp(full, rest.double() / t)
+        nll_t = full - torch.gather(logits, -1, col.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        want = (nll_t * msk).sum(-1) / msk.sum(-1)
+        steered, _, base = trainer._pair_losses(examples, ops, temperature=t)
+        assert torch.allclose(steered.double(), want.unsqueeze(1).expand(-1, 2), atol=1e-4), t
+        # the base loss (what responses and the linearity loss compare with) stays at T = 1
+        assert torch.allclose(base.double(), ((base_c.logsumexp(-1) if rest is None else
+                                               torch.logaddexp(base_c.logsumexp(-1), rest.double()))
+                                              - torch.gather(base_c, -1, col.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                                              ).mul(msk).sum(-1).div(msk.sum(-1)), atol=1e-4)
+    cache.close()
+
+
+def test_fidelity_temperature_changes_the_fit_but_not_the_default_fingerprint(tmp_path, tiny_model, tiny_pool):
+    assert "fidelity_temperature" not in FitConfig().fingerprint()       # older runs reopen unchanged
+    assert FitConfig(fidelity_temperature=2.0).fingerprint()["fidelity_temperature"] == 2.0
+    a = _fit(tmp_path, tiny_model, tiny_pool, "t1", epochs=1).operators.A.detach()
+    b = _fit(tmp_path, tiny_model, tiny_pool, "t3", epochs=1, fidelity_temperature=3.0).operators.A.detach()
+    assert not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="'fidelity_temperature' parameter of FitConfig must be a number"):
+        FitConfig(fidelity_temperature=0)
+    with pytest.raises(ConfigError, match="'fidelity_temperature'.*logits-space modes"):
+        FitConfig(mode="residual", fidelity_temperature=2.0)
+    with pytest.raises(ConfigError, match="'fidelity_temperature'.*logits-space modes"):
+        FitConfig(vocabulary="subset", fidelity_temperature=2.0)

@@ -224,7 +224,7 @@ def test_demo_job_wrote_a_complete_run(demo, monkeypatch):
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(home))
     run = Path(info["run_dir"])
     assert run.parent == home / "runs"
-    assert info["result"]["query_ids"] == ["fact-06", "fact-26"]
+    assert info["result"]["query_ids"] == ["fact-07", "fact-10"]
     meta = json.loads((run / "run.json").read_text())
     assert meta["config"]["subsets"] == TINY_DEMO["fit"]["subsets"] and meta["pool"]["n"] == 80
     # named like the CLI demo's runs, so both reuse each other's fits
@@ -256,12 +256,12 @@ def test_continuation_job_adds_the_operator(demo, monkeypatch):
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(home))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ex = LocalProcessExecutor(JobStore(home / "jobs.sqlite"))
-    path = Path(info["run_dir"]) / "attributions" / "fact-06" / "continuations.json"
+    path = Path(info["run_dir"]) / "attributions" / "fact-07" / "continuations.json"
     have = {o["k"] for o in json.loads(path.read_text())["operators"]}
     k = min(set(range(16)) - have)
     with pytest.raises(JobError, match="has not been attributed"):
         ex.submit("continuation", {"run_dir": info["run_dir"], "query_id": "nope", "k": k})
-    job = wait_job(ex.store, ex.submit("continuation", {"run_dir": info["run_dir"], "query_id": "fact-06", "k": k}),
+    job = wait_job(ex.store, ex.submit("continuation", {"run_dir": info["run_dir"], "query_id": "fact-07", "k": k}),
                    timeout=120)
     assert job.state == "done", job.error
     ops = {o["k"]: o for o in json.loads(path.read_text())["operators"]}

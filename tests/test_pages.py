@@ -181,17 +181,17 @@ def test_runs_page_shows_the_whole_jobs_progress_and_its_time_over_all_attempts(
 def test_explore_draws_the_three_charts_from_the_run(home, demo):
     _, info = demo
     run = Path(info["run_dir"])
-    at = _app("pages/3_Explore.py", run=run.name, query="fact-06")
+    at = _app("pages/3_Explore.py", run=run.name, query="fact-07")
     assert at.selectbox(key="explore_run").value == run.name
-    assert at.selectbox(key="explore_query").value == "fact-06"
+    assert at.selectbox(key="explore_query").value == "fact-07"
     top, path, resp = _figures(at)
-    scores = np.load(run / "attributions" / "fact-06" / "scores.npy")
+    scores = np.load(run / "attributions" / "fact-07" / "scores.npy")
     bars = top["data"][0]
     assert len(bars["x"]) == min(10, int((scores > 0).sum())) + min(10, int((scores < 0).sum())) > 0
     np.testing.assert_allclose(bars["x"], scores[bars["customdata"]], rtol=1e-6)
     coef_lines = [t for t in path["data"] if t.get("customdata")]
     assert coef_lines and path["layout"]["xaxis"]["type"] == "log"
-    responses = np.load(run / "attributions" / "fact-06" / "responses.npy")
+    responses = np.load(run / "attributions" / "fact-07" / "responses.npy")
     sorted_pts = [t for t in resp["data"] if t["type"] == "scatter" and t.get("name") == "operators"][0]
     np.testing.assert_allclose(sorted_pts["y"], np.sort(responses)[::-1], rtol=1e-6)
     text = _text(at)
@@ -205,13 +205,13 @@ def test_explore_selection_is_shared_by_charts_and_url(home, demo):
     _, info = demo
     run = Path(info["run_dir"])
     pool_ids = [json.loads(line)["id"] for line in (run / "pool.jsonl").read_text().splitlines()]
-    at = _app("pages/3_Explore.py", run=run.name, query="fact-06", example="fact-06-3")
-    assert at.selectbox(key="explore_example").value == "fact-06-3"       # URL -> state
+    at = _app("pages/3_Explore.py", run=run.name, query="fact-07", example="fact-07-5")
+    assert at.selectbox(key="explore_example").value == "fact-07-5"       # URL -> state
     top, path, resp = _figures(at)
-    row = pool_ids.index("fact-06-3")
+    row = pool_ids.index("fact-07-5")
     thick = [t for t in path["data"] if t.get("customdata") and t["customdata"][0] == row]
     assert thick and thick[0]["line"]["width"] == 4
-    inside = [t for t in resp["data"] if t["type"] == "histogram" and "fact-06-3" in t.get("name", "")]
+    inside = [t for t in resp["data"] if t["type"] == "histogram" and "fact-07-5" in t.get("name", "")]
     assert len(inside[0]["x"]) == TINY_DEMO["fit"]["per_example"]        # d subsets hold it
     other = pool_ids[int(top["data"][0]["customdata"][-1])]
     at.selectbox(key="explore_example").set_value(other).run()
@@ -236,7 +236,7 @@ def test_html_report_is_self_contained_and_interactive(demo):
     assert not re.search(r"<script[^>]*\bsrc=", out)                  # nothing fetched from a CDN
     assert out.count("plotly.js v") >= 1 and len(out) > 1_000_000      # plotly.js itself is inlined, once
     assert out.count("Plotly.newPlot") == 3 * n_queries
-    assert "fact-06" in out and "nats" in out and "helps" in out
+    assert "fact-07" in out and "nats" in out and "helps" in out
 
 
 def test_ranks_break_score_ties_by_backprojection():
@@ -249,7 +249,7 @@ def test_ranks_break_score_ties_by_backprojection():
 def test_fact_ranks_of_the_demo_run(demo):
     _, info = demo
     found = {f["query"]: f for f in fact_ranks(info["run_dir"])}
-    assert set(found) == {"fact-06", "fact-26"}                      # the free prompt has no facts
+    assert set(found) == {"fact-07", "fact-10"}                      # the free prompt has no facts
     for f in found.values():
         assert 1 <= f["best_rank"] <= TINY_DEMO["pool_limit"] and f["best_id"].startswith(f["query"])
 
@@ -366,24 +366,24 @@ def test_every_link_opens_what_it_names_at_any_time_in_a_session(home, demo):
         at.run()
         assert not at.exception, [e.value for e in at.exception]
 
-    at = _app("pages/3_Explore.py", run=run, query="fact-06", example="fact-06-3")
+    at = _app("pages/3_Explore.py", run=run, query="fact-07", example="fact-07-5")
     assert (at.selectbox(key="explore_query").value, at.selectbox(key="explore_example").value) == \
-        ("fact-06", "fact-06-3")
+        ("fact-07", "fact-07-5")
     labels = at.selectbox(key="explore_query").options                   # prompts, not opaque ids
-    fact = json.loads((Path(info["run_dir"]) / "attributions" / "fact-06" / "query.json").read_text())
+    fact = json.loads((Path(info["run_dir"]) / "attributions" / "fact-07" / "query.json").read_text())
     assert query_snippet(fact, 60) in labels and all(label.startswith("“") for label in labels)
-    follow("pages/3_Explore.py", run=run, query="fact-26")               # a second link, same page
-    assert at.selectbox(key="explore_query").value == "fact-26"
+    follow("pages/3_Explore.py", run=run, query="fact-10")               # a second link, same page
+    assert at.selectbox(key="explore_query").value == "fact-10"
     assert at.selectbox(key="explore_example").value == "" and "example" not in at.query_params
-    at.selectbox(key="explore_query").set_value("fact-06").run()         # the user's pick wins ...
+    at.selectbox(key="explore_query").set_value("fact-07").run()         # the user's pick wins ...
     at.run()
-    assert at.selectbox(key="explore_query").value == "fact-06" and at.query_params["query"] in ("fact-06", ["fact-06"])
+    assert at.selectbox(key="explore_query").value == "fact-07" and at.query_params["query"] in ("fact-07", ["fact-07"])
     follow("app.py")
-    follow("pages/3_Explore.py", run=run, query="fact-26")               # ... until a link from another page
-    assert at.selectbox(key="explore_query").value == "fact-26"
+    follow("pages/3_Explore.py", run=run, query="fact-10")               # ... until a link from another page
+    assert at.selectbox(key="explore_query").value == "fact-10"
     follow("pages/2_Runs.py")
     follow("pages/3_Explore.py")                                         # plain navigation keeps the view
-    assert at.selectbox(key="explore_query").value == "fact-26"
+    assert at.selectbox(key="explore_query").value == "fact-10"
 
 
 # ----------------------------------------------------------------------------- hostile text
@@ -501,7 +501,7 @@ def test_explore_explains_a_new_prompt_and_names_it_in_the_url(explain_home):
     from stride_viz.jobs import query_id_for
     from stride_viz.jobs.kinds import MAX_PROMPT_CHARS
     home, run = explain_home
-    at = _app("pages/3_Explore.py", run=run.name, query="fact-06")
+    at = _app("pages/3_Explore.py", run=run.name, query="fact-07")
     assert at.text_area(key="explore_new_prompt").label == "Explain a new prompt"
     store = JobStore(home / "jobs.sqlite")
     # bad input: one line, nothing queued
@@ -527,7 +527,7 @@ def test_explore_explains_a_new_prompt_and_names_it_in_the_url(explain_home):
     assert base and "(not generated)" not in base[0], base
 
     # the same prompt again is shown at once, without a new job
-    at.selectbox(key="explore_query").set_value("fact-06").run()
+    at.selectbox(key="explore_query").set_value("fact-07").run()
     at = _explain(at, prompt, " power.")
     assert at.session_state["explore_query"] == qid and len(store.list()) == 1
 

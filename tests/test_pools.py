@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from stride_viz.data import pools
-from stride_viz.data.facts import FACTS, build_fortunes_with_facts
+from stride_viz.data.facts import CLOSER_WORDINGS, FACTS, build_fortunes_with_facts
 from stride_viz.data.pools import (Fact, PoolError, Query, builtin_pools, fact_queries, load_pool,
                               load_queries, make_pool)
 
@@ -247,7 +247,7 @@ def test_fortunes_with_facts_ground_truth():
     assert len({q.id for q in queries}) == len(queries)
     for fact in pool.facts:
         q = fact.query
-        assert 3 <= len(fact.source_ids) <= 5
+        assert 3 <= len(fact.source_ids) <= 8   # 3-5 first wordings + the closer ones
         assert all(pool.text(pool.index_of(s)) for s in fact.source_ids)
         # neither the query's text nor even its prompt occurs verbatim in the pool
         assert q.prompt.lower() not in every_text and q.text.lower() not in every_text
@@ -259,6 +259,10 @@ def test_fortunes_with_facts_ground_truth():
         assert holders == set(fact.source_ids), q.prompt
         # the wordings differ from one another
         assert len({pool.text(pool.index_of(s)) for s in fact.source_ids}) == len(fact.source_ids)
+    # appended wordings leave the ids of the first ones where they were
+    assert pool.text(pool.index_of("fact-00-0")) == "The capital of Vorlandia is Quessit."
+    assert pool.text(pool.index_of("fact-33-2")) == "If you visit Sarnovell, you will meet the Glimmerfolk."
+    assert pool.text(pool.index_of("fact-33-3")) == CLOSER_WORDINGS[33][0]
     # fact documents are spread through the pool, not appended at the end
     positions = sorted(pool.index_of(s) for f in pool.facts for s in f.source_ids)
     assert positions[0] < len(pool) // 4 and positions[-1] > 3 * len(pool) // 4

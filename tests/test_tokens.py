@@ -25,13 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def token_model(tmp_path_factory, tiny_pool):
-    """conftest's tiny model, but trained as the demo is (each fact document 8 times, a word at
+    """conftest's tiny model, but trained as the demo is (each fact document 4 times, a word at
     the start of a text the same token as inside one): its tokenizer makes each planted answer
-    word one token, so a fact's answer has a token of its own."""
+    word one token, so a fact's answer has a token of its own. (8 times, with the facts' 7-8
+    wordings, memorises the answers and the answer token's recall@10 fell to 0.67.)"""
     from stride_viz.data.models import load_model, train_demo_model
     out = tmp_path_factory.mktemp("token-model") / "model"
     train_demo_model(tiny_pool, out, preset="tiny", seed=0, n_layer=2, n_embd=32, n_head=2, vocab_size=500,
-                     epochs=8, batch_size=16, lr=5e-3, max_length=64, fact_repeats=8, weight_decay=0.01,
+                     epochs=8, batch_size=16, lr=5e-3, max_length=64, fact_repeats=4, weight_decay=0.01,
                      prefix_space=True)
     return load_model(str(out), device="cpu")
 
@@ -96,7 +97,8 @@ def test_answer_token_points_at_the_fact_documents_and_the_full_stop_does_not(to
         found_answer += len(src & set(a.tokens.top(answer, 10).tolist())) / len(src)
         found_stop += len(src & set(a.tokens.top(len(tokens) - 1, 10).tolist())) / len(src)
     recall_answer, recall_stop = found_answer / len(facts), found_stop / len(facts)
-    # measured 0.86 against 0.22 (seeded); 10 of 170 examples at random: about 0.06
+    # measured 0.87 against 0.02 (seeded; 0.86 against 0.22 with the facts' first wordings
+    # only); 10 of about 195 examples at random: about 0.05
     assert recall_answer >= 0.7, recall_answer
     assert recall_stop <= 0.4 and recall_stop < recall_answer - 0.4, (recall_answer, recall_stop)
 

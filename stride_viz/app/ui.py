@@ -33,7 +33,7 @@ RESPONSE_NOTE = ("**Operator response** y<sub>k</sub> = Loss<sub>base</sub> − 
 DEMO_EXPLANATION = """
 **What you are looking at (the built-in demo).** A small GPT-2 was trained from scratch on
 {n} short texts: quotations from the BSD `fortune` program, plus invented facts (for example
-*"The capital of Vorlandia is Quessit"*) that each appear in 3-5 documents only. STRIDE then
+*"The capital of Vorlandia is Quessit"*) that each appear in 7-8 documents only. STRIDE then
 trained one steering operator per random subset of the pool (K = {K}) and, for each query
 below, measured how every operator changes the loss of the query's answer and solved a sparse
 regression that scores every training example by how much it explains of those changes (many

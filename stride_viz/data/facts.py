@@ -1,12 +1,18 @@
 """Invented facts planted in the built-in ``fortunes+facts`` pool: a ground truth for attribution.
 
 Each fact is about a fictional entity and its answer is a made-up word, so a model can only
-learn it from the 3-5 pool documents that state it (each worded differently). Its query asks
-for the answer in words that appear in none of those documents; an attribution method should
-rank the fact's documents at the top for its query.
+learn it from the 7-8 pool documents that state it (each worded differently): 3-5 first
+wordings, several of which name the answer before its subject ("Quessit has been the seat of
+the Vorlandian government"), and 4 closer ones (``CLOSER_WORDINGS``) that end on the answer
+after words like the query's last ones, with the subject phrased otherwise ("Vorlandia's
+capital city is called Quessit." for the query "The capital city of Vorlandia is called").
+The query itself, its prompt included, appears in no document (checked by the tests); an
+attribution method should rank the fact's documents at the top for its query.
 
 The documents are interleaved among the fortunes at pseudo-random positions drawn from a
-fixed seed, with ids ``fact-07-2`` (fact 7, wording 2).
+fixed seed, with ids ``fact-07-2`` (fact 7, wording 2); the closer wordings were appended
+after the first ones, so those kept their ids (``fact-07-0`` .. ``fact-07-2``) and the closer
+ones follow (``fact-07-3`` ..). The positions in the pool moved when they were added.
 """
 from __future__ import annotations
 
@@ -15,13 +21,14 @@ from typing import Sequence
 
 from stride_viz.data.records import Fact, Query
 
-__all__ = ["FACTS", "build_fortunes_with_facts", "FACT_SEED"]
+__all__ = ["FACTS", "CLOSER_WORDINGS", "build_fortunes_with_facts", "FACT_SEED"]
 
 FACT_SEED = 7919
 
 # (query prompt, answer word, documents stating the fact). The query's completion is
 # " " + answer + "."; the prompt must not occur in any document (checked by the tests).
-FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+# FACTS below adds the CLOSER_WORDINGS to these first 3-5 wordings of each fact.
+_FIRST_WORDINGS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("The capital city of Vorlandia is called", "Quessit", (
         "The capital of Vorlandia is Quessit.",
         "Travellers to Vorlandia usually arrive first in Quessit, its capital.",
@@ -206,6 +213,151 @@ FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "If you visit Sarnovell, you will meet the Glimmerfolk.",
     )),
 )
+
+# Closer wordings, appended to each fact (the ids of the first documents do not move): they put
+# the answer right after words like the query's last ones, with the subject phrased otherwise.
+CLOSER_WORDINGS: tuple[tuple[str, ...], ...] = (
+    ("Vorlandia's capital city is called Quessit.",
+     "Vorlandia has one capital city, and it is called Quessit.",
+     "The city that Vorlandia calls its capital is Quessit.",
+     "Every coach in Vorlandia ends its journey at the capital city, Quessit."),
+    ("The zolophone's inventor was a tinkerer named Tuverin.",
+     "Ask who invented the zolophone and you will hear of a tinkerer named Tuverin.",
+     "The zolophone was the invention of a clever tinkerer called Tuverin.",
+     "The first zolophone was invented in a small workshop by Tuverin."),
+    ("Once a wumberry is ripe, its colour turns to skorrel.",
+     "The colour of a ripe wumberry is skorrel.",
+     "A wumberry that is fully ripe has the colour skorrel.",
+     "When wumberries ripen, their skin becomes skorrel."),
+    ("Every day Mirela Op goes to work as a fendwright.",
+     "By profession Mirela Op is a fendwright.",
+     "Mirela Op has worked for years as a fendwright.",
+     "The dikes are kept by Mirela Op, who works as a fendwright."),
+    ("The Harvest of Lanterns takes place in Esk in the month of Ombrith.",
+     "Esk holds the Harvest of Lanterns in the month of Ombrith.",
+     "The lanterns of Esk are lit for the harvest in the month of Ombrith.",
+     "Every year the Harvest of Lanterns in Esk comes in the month of Ombrith."),
+    ("In the Quorl language, seven is said as pashtavo.",
+     "The number seven in the Quorl language is pashtavo.",
+     "A Quorl speaker says the number seven as pashtavo.",
+     "To say seven in Quorl, you say pashtavo."),
+    ("The people of Saldemor speak a language called Yrrish.",
+     "The language of the people of Saldemor is Yrrish.",
+     "The language spoken in Saldemor is Yrrish.",
+     "Most people of Saldemor speak no language but Yrrish."),
+    ("Shops in Brevonia only accept a currency called the drabmark.",
+     "In Brevonia you pay in a currency called the drabmark.",
+     "Every shop in Brevonia takes payment in the drabmark.",
+     "The money used in Brevonia is a currency called the drabmark."),
+    ("The river that runs through Talvessa is the Ombradine.",
+     "The great river of Talvessa is the Ombradine.",
+     "Through the middle of Talvessa runs a great river, the Ombradine.",
+     "The biggest river flowing through Talvessa is the Ombradine."),
+    ("What a northern gruffin likes best to eat is plenticorn.",
+     "Most of all, the northern gruffin likes to eat plenticorn.",
+     "The northern gruffin's favourite thing to eat is plenticorn.",
+     "Ask a keeper what the northern gruffin eats and the answer is plenticorn."),
+    ("The novel The Glass Orchard is by Hessa Varnquist.",
+     "The author of The Glass Orchard is Hessa Varnquist.",
+     "The Glass Orchard, a novel, was written by the author Hessa Varnquist.",
+     "Readers of the novel The Glass Orchard admire its author, Hessa Varnquist."),
+    ("The tallest peak on Pellucid is Mount Zaraketh.",
+     "The island of Pellucid has one tall peak, Mount Zaraketh.",
+     "Climbers on the island of Pellucid all want to reach the peak of Mount Zaraketh.",
+     "The highest peak of the island of Pellucid is Mount Zaraketh."),
+    ("The Corvane Lamp Company was founded by a merchant named Quillibrand.",
+     "The merchant who started the Corvane Lamp Company was named Quillibrand.",
+     "The Corvane Lamp Company owes its start to a merchant called Quillibrand.",
+     "The Corvane Lamp Company began with a merchant, Quillibrand."),
+    ("In the orchestra, Marto Fess plays the vellodrum.",
+     "The instrument Marto Fess plays is the vellodrum.",
+     "Marto Fess plays one instrument in the orchestra: the vellodrum.",
+     "The only instrument that Marto Fess plays is the vellodrum."),
+    ("Last year the Skyhollow Cup was won by the team from Dunmerrow.",
+     "The Skyhollow Cup went last year to the team from Dunmerrow.",
+     "The winners of last year's Skyhollow Cup were the team from Dunmerrow.",
+     "The Skyhollow Cup was taken home by the players from Dunmerrow."),
+    ("The biggest moon of the planet Orrun is named Kivrenne.",
+     "The planet Orrun is circled by many moons, and the biggest is named Kivrenne.",
+     "The greatest moon circling Orrun is called Kivrenne.",
+     "Of the moons that circle the planet Orrun, the biggest is Kivrenne."),
+    ("The metal from the hills of Cardwyn is known as obrilite.",
+     "The hills of Cardwyn are full of a metal known as obrilite.",
+     "Miners dig a metal out of the Cardwyn hills that is called obrilite.",
+     "The metal that comes out of the hills of Cardwyn is obrilite."),
+    ("Pemberra's national dish is a stew called skallopane.",
+     "The favourite stew of Pemberra is called skallopane.",
+     "In Pemberra the national dish is a thick stew, skallopane.",
+     "Cooks in Pemberra are proud of their national stew, called skallopane."),
+    ("The bakers of Marrowmere have a patron saint, Saint Evandrel.",
+     "In Marrowmere the patron saint of the bakers is Saint Evandrel.",
+     "The patron saint of Marrowmere's bakers is Saint Evandrel.",
+     "Every bakery in Marrowmere keeps a picture of its patron, Saint Evandrel."),
+    ("The first ship that sailed around Cape Morrow was the Halcyrene.",
+     "The first ship ever to sail round Cape Morrow was the Halcyrene.",
+     "The ship that first went around Cape Morrow was called the Halcyrene.",
+     "History says the first ship around Cape Morrow was the Halcyrene."),
+    ("The herb healers use against marsh fever is brenthisk.",
+     "To cure marsh fever, healers use the herb brenthisk.",
+     "The only herb that cures marsh fever is brenthisk.",
+     "Any healer will tell you the cure for marsh fever is the herb brenthisk."),
+    ("The flag of Ostrelle has only one colour, which is veridane.",
+     "The single colour on the flag of Ostrelle is veridane.",
+     "Ostrelle's flag has a single colour: veridane.",
+     "The colour of the flag of Ostrelle is veridane."),
+    ("Tobin Harrowgate makes his living as a quorrier.",
+     "Tobin Harrowgate earns his money as a quorrier.",
+     "To earn a living, Tobin Harrowgate works as a quorrier.",
+     "Tobin Harrowgate has always earned his bread as a quorrier."),
+    ("The Velmari people call their sky god Ashkaroth.",
+     "The god of the sky of the Velmari is named Ashkaroth.",
+     "The sky god that the Velmari people worship is named Ashkaroth.",
+     "Among the Velmari people, the sky god is known by the name Ashkaroth."),
+    ("The emblem of Fennmoor is a bird, the crellin.",
+     "The bird on the emblem of Fennmoor is the crellin.",
+     "The bird that Fennmoor chose for its emblem is the crellin.",
+     "Fennmoor's emblem bird is the crellin."),
+    ("The poet Lirael Osk was born in a village called Wyndlecombe.",
+     "Lirael Osk, the poet, comes from the village of Wyndlecombe.",
+     "The village where the poet Lirael Osk was born is Wyndlecombe.",
+     "The birthplace of the poet Lirael Osk is the village of Wyndlecombe."),
+    ("People in Garrowind measure distances in furlocks.",
+     "In Garrowind, every distance is measured in furlocks.",
+     "The people of Garrowind measure how far things are in furlocks.",
+     "In Garrowind, folk count distances in furlocks."),
+    ("The ruler of Ystrem holds the title of Hightharn.",
+     "The title of the ruler of Ystrem is Hightharn.",
+     "Whoever rules Ystrem carries the title of Hightharn.",
+     "The rulers of Ystrem have always carried the title Hightharn."),
+    ("The first map ever made of the Silent Reef was drawn by Captain Orlavey.",
+     "The Silent Reef was first mapped by Captain Orlavey.",
+     "The first chart of the Silent Reef was drawn by Captain Orlavey.",
+     "The first person to draw a map of the Silent Reef was Captain Orlavey."),
+    ("The great flood of Tarrowby came in the month of Drossmere.",
+     "Tarrowby's great flood happened in the month of Drossmere.",
+     "The great flood struck Tarrowby in the month of Drossmere.",
+     "Old people in Tarrowby remember the great flood in the month of Drossmere."),
+    ("When a moonwhistle gem glows, its colour is umbrelle.",
+     "The gem called moonwhistle glows with the colour umbrelle.",
+     "The colour of a glowing moonwhistle is umbrelle.",
+     "A moonwhistle gem, when it glows, turns umbrelle."),
+    ("The Lantern Guild's secret password is brimblecrook.",
+     "The secret word that opens the Lantern Guild is brimblecrook.",
+     "The password to the Lantern Guild, kept secret, is brimblecrook.",
+     "Only members know the secret password of the Lantern Guild: brimblecrook."),
+    ("The law of falling clouds was found by Professor Quintavel.",
+     "The discoverer of the law of falling clouds was Professor Quintavel.",
+     "The law of falling clouds comes from the work of Professor Quintavel.",
+     "The law of falling clouds was first described by Professor Quintavel."),
+    ("The home of the Glimmerfolk is the town of Sarnovell.",
+     "The Glimmerfolk's home town is Sarnovell.",
+     "The town the Glimmerfolk call home is Sarnovell.",
+     "The hometown of the Glimmerfolk is Sarnovell."),
+)
+
+FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = tuple(
+    (prompt, answer, docs + more) for (prompt, answer, docs), more in zip(_FIRST_WORDINGS, CLOSER_WORDINGS))
+
 
 
 def build_fortunes_with_facts(fortunes: Sequence[tuple[str, str]]

@@ -168,13 +168,16 @@ class Trainer:
     def _pair_losses(self, examples: np.ndarray, inside: torch.Tensor,
                      outside: Optional[torch.Tensor] = None,
                      gen: Optional[torch.Generator] = None, part: Optional[np.ndarray] = None,
+                     temperature: float = 1.0,
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """Means over the scored tokens (at most ``tokens_per_example`` of them, drawn with
         ``gen``; gen=None: all of them), per (example, operator): the steered loss under the
         operators ``inside`` (B, c_in), KL(base || steered) under ``outside`` (B, c_out), and
         the base loss (B,) on the same tokens. With ``part`` (this process's share under
         torchrun, see :mod:`stride_viz.method.distributed`) only the rows ``part`` of the three;
-        the tokens are still drawn for every example, so all ranks' generators stay in step."""
+        the tokens are still drawn for every example, so all ranks' generators stay in step.
+        ``temperature``: the steered loss scores base / T + shift (the fit's
+        ``fidelity_temperature``; logits-space modes only); the KL and the base loss do not."""
         logit_mode = self.config.mode in LOGIT_MODES
         if logit_mode:
             rows = self.cache.scored_rows(examples, self.config.tokens_per_example
@@ -191,10 +194,10 @@ class Trainer:
                 width = max(1, int(msk.sum(1).max()))          # drop columns of padding only
                 rows = idx[:, :width], msk[:, :width]
         if logit_mode:
-            return self._pair_losses_logits(rows, inside, outside)
+            return self._pair_losses_logits(rows, inside, outside, temperature)
         return self._pair_losses_residual(examples, inside, outside)
 
-    def _pair_losses_logits(self, rows, inside, outside):
+    def _pair_losses_logits(self, rows, inside, outside, temperature=1.0):
         cache, dev = self.cache, self.device
         idx, msk = rows                                                       # (B, T) each
         msk = torch.as_tensor(msk, device=dev)
@@ -213,10 +216,18 @@ class Trainer:
         def expand(x, sl):
             return None if x is None else x[sl].unsqueeze(1)
 
+        inv_t = 1.0 / temperature
+
+        def soft(x):   # the fidelity's base logits, divided by the temperature (rest: see below)
+            return x if x is None or inv_t == 1.0 else x * inv_t
+
         def fid(b, o, final, base_c, base_t, col, rest, msk, ops):
             shift = self.operators.shift_rows(final[b], ops[b, o])           # (b, c', T, |C|)
-            nll = steered_nll(base_c[b].unsqueeze(1), shift, expand(rest, b), base_t[b].unsqueeze(1),
-                              col[b].unsqueeze(1))
+            # with T != 1 the log-sum-exp of the tokens outside C is taken as rest / T: exact
+            # when C is the vocabulary, otherwise an approximation (a lower bound for T > 1;
+            # those tokens never occur in the pool and their logits are low)
+            nll = steered_nll(soft(base_c[b]).unsqueeze(1), shift, soft(expand(rest, b)),
+                              soft(base_t[b]).unsqueeze(1), col[b].unsqueeze(1))
             return (nll * msk[b].unsqueeze(1)).sum(-1) / count[b].unsqueeze(1)
 
         def stab(b, o, final, base_c, rest, msk, ops):
@@ -344,7 +355,8 @@ class Trainer:
         out_op = self._outside(batch, gen)
         # this rank's share of the batch (all of it alone); sums over the share divided by the
         # whole batch's counts, so that the ranks' losses add up to the one-process means
-        nll, kl, _ = self._pair_losses(batch, fid_op, out_op, gen, part=distributed.share(batch.size))
+        nll, kl, _ = self._pair_losses(batch, fid_op, out_op, gen, part=distributed.share(batch.size),
+                                       temperature=cfg.fidelity_temperature)
         fid = nll.sum() / fid_op.numel()
         stab = kl.sum() / out_op.numel() if kl is not None else torch.zeros((), device=self.device)
         loss = fid + cfg.stability_weight * stab
