@@ -8,7 +8,7 @@ that the audit (``stride_viz.downstream.audit``) ranks as most extreme.
 
     nice -n 10 python benchmarks/contamination.py                # the benchmark: 2,000 fortunes, paraphrased replicas
     nice -n 10 python benchmarks/contamination.py --replicas verbatim --out benchmarks/results/contamination_verbatim.json
-    python benchmarks/contamination.py --fortunes 200 --methods stride,tfidf,random --small  # a quick trial
+    python benchmarks/contamination.py --fortunes 400 --leaked 2 --methods stride,tfidf,random --small --out /tmp/c.json  # a quick trial
 
 Set-up (the paper's protocol where it says something, ours elsewhere):
 
