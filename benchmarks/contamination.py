@@ -6,20 +6,29 @@ model is trained on each contaminated pool, every benchmark item is explained by
 attribution method, and we measure the recall of the injected replicas among the documents
 that the audit (``stride_viz.downstream.audit``) ranks as most extreme.
 
-    nice -n 10 python benchmarks/contamination.py                # the full benchmark (about an hour on 2 busy cores)
-    python benchmarks/contamination.py --fortunes 200 --methods stride,tfidf,random --small  # a quick trial
+    nice -n 10 python benchmarks/contamination.py                # the benchmark: 2,000 fortunes, paraphrased replicas
+    nice -n 10 python benchmarks/contamination.py --replicas verbatim --out benchmarks/results/contamination_verbatim.json
+    python benchmarks/contamination.py --fortunes 400 --leaked 2 --methods stride,tfidf,random --small --out /tmp/c.json  # a quick trial
 
 Set-up (the paper's protocol where it says something, ours elsewhere):
 
 - **Items**: the 48 invented question/answer items of ``stride_viz.data.qa_items`` (answers are
   made-up words found nowhere in the built-in pools). ``--leaked`` of them (default 10,
-  drawn with ``--seed``) leak; the other items are clean controls **(ours)**.
+  drawn with ``--seed``) leak; the other items are clean controls **(ours)**. ``tfidf_keys`` in
+  the results measures what TF-IDF's match rests on: the share of the query-replica cosine
+  from words found in no clean document (the invented words), and its recall once the
+  queries lose those words.
 - **Pool**: the first ``--fortunes`` documents of the built-in ``fortunes`` pool (default
   2,000; the full 11,085 does not fit this machine's time budget: ours) plus the replicas.
-  A replica is the item verbatim (``Question: ... Answer: <answer>.``); the paper injects
-  replicated problems, we take exact copies **(ours: no paraphrases)**. At rate r every leaked
-  item gets ``r x fortunes / leaked`` copies: 1, 2 and 3 copies at 0.5%, 1% and 1.5% with
-  the defaults (10, 20, 30 replicas), at seeded random positions **(ours)**.
+  ``--replicas paraphrase`` (the default) makes each copy of a leaked item a different seeded
+  rewording (``qa_items.replica_texts``: ``Q:``/``A:`` or quiz framing, the answer first, or
+  the fact restated in other words, some with an explanation sentence; the invented entity
+  and answer words kept), because leaked benchmark items mostly reach a crawled corpus
+  restated (quiz sites, study notes, forum answers) rather than as the benchmark file itself;
+  ``--replicas verbatim`` injects exact copies (``Question: ... Answer: <answer>.``) **(ours:
+  the paper says "replicated problems" without saying how they were replicated)**. At rate r
+  every leaked item gets ``r x fortunes / leaked`` copies: 1, 2 and 3 copies at 0.5%, 1% and
+  1.5% with the defaults (10, 20, 30 replicas), at seeded random positions **(ours)**.
 - **Model**: a GPT-2 of the demo:tiny shape (2 layers, width 128, 4 heads, context 128)
   trained from scratch on each pool with the project's recipe (``fit_demo_lm``; ``--epochs``,
   default 12), with one byte-level BPE tokenizer (2,048 tokens) trained on the clean fortunes
@@ -71,7 +80,7 @@ import torch  # noqa: E402
 
 from stride_viz.downstream.audit import (COMBINATIONS, STATISTICS, AuditConfig, audit_scores,  # noqa: E402
                                          combine, document_statistic, outlier_scores, replica_recall)
-from stride_viz.data.qa_items import qa_queries, replica_text  # noqa: E402
+from stride_viz.data.qa_items import REPLICA_MODES, qa_queries, replica_texts  # noqa: E402
 
 RATES = (0.005, 0.01, 0.015)
 PEERS = ("ekfac", "logra", "tfidf", "random")
@@ -80,14 +89,20 @@ TORCH_SEED = 0
 MODEL = dict(n_layer=2, n_embd=128, n_head=4, n_positions=128, vocab_size=2048, batch_size=32, lr=3e-3,
              max_length=96, fact_repeats=1, weight_decay=0.1, prefix_space=True)
 THRESHOLDS = (2.5, 3.5, 5.0, 8.0)
+REPLICA_DESCRIPTION = {
+    "verbatim": "verbatim copy of the item (prompt + completion)",
+    "paraphrase": "each copy of an item a different rewording (qa_items.PARAPHRASE_TEMPLATES, seeded): "
+                  "Q:/A: or quiz framing, answer first, or the fact restated (qa_items.STATEMENTS), "
+                  "some with an explanation sentence; the invented entity and answer words kept"}
 
 
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def build_pool(fortunes: int, leaked: list[str], rate: float, seed: int):
-    """The contaminated pool and the pool indices of its replicas: {item id: [indices]}."""
+def build_pool(fortunes: int, leaked: list[str], rate: float, seed: int, mode: str = "paraphrase"):
+    """The contaminated pool and the pool indices of its replicas: {item id: [indices]}.
+    ``mode``: ``paraphrase`` (each copy a different seeded rewording) or ``verbatim``."""
     from stride_viz.data.pools import load_pool, make_pool
     base = load_pool("fortunes", limit=fortunes)
     copies = rate * fortunes / len(leaked)
@@ -95,13 +110,13 @@ def build_pool(fortunes: int, leaked: list[str], rate: float, seed: int):
         raise SystemExit(f"error: {rate:.1%} of {fortunes} fortunes over {len(leaked)} leaked items is "
                          f"{copies:g} copies per item; choose --fortunes and --leaked so that it is a "
                          f"whole number of at least 1.")
-    items = {q.id: q for q in qa_queries()}
-    reps = [(f"replica-{qid}-{c}", replica_text(items[qid])) for qid in leaked for c in range(round(copies))]
-    rows = list(zip(base.ids, base.completions))
     rng = random.Random(seed * 1000 + round(rate * 1e4))
+    reps = [(f"replica-{qid}-{c}", text) for qid in leaked
+            for c, text in enumerate(replica_texts(qid, round(copies), mode, rng))]
+    rows = list(zip(base.ids, base.completions))
     for rid, text in reps:
         rows.insert(rng.randrange(len(rows) + 1), (rid, text))
-    pool = make_pool(f"fortunes[:{fortunes}]+replicas@{rate:g}", [r[0] for r in rows], [""] * len(rows),
+    pool = make_pool(f"fortunes[:{fortunes}]+{mode}-replicas@{rate:g}", [r[0] for r in rows], [""] * len(rows),
                      [r[1] for r in rows])
     where = {qid: [i for i, x in enumerate(pool.ids) if x.startswith(f"replica-{qid}-")] for qid in leaked}
     return pool, where, round(copies)
@@ -158,6 +173,62 @@ def method_scores(name: str, run, pool, queries, folder: Path) -> tuple[np.ndarr
     return scores, meta
 
 
+def tfidf_keys(pool, queries, replicas: dict[str, list[int]]) -> dict:
+    """What TF-IDF keys on, per leaked item: the share of the query-replica cosine that comes
+    from words found in no clean document (the invented entity and answer words), and the
+    replicas' recall@budget (``max-score`` over all the queries, as the benchmark ranks) when
+    every query keeps only its other words (same vectoriser as the ``tfidf`` baseline, fitted on
+    the whole contaminated pool)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    texts = [pool.text(i) for i in range(len(pool))]
+    vec = TfidfVectorizer(sublinear_tf=True)
+    docs = vec.fit_transform(texts).tocsr()
+    clean = np.array([not x.startswith("replica-") for x in pool.ids])
+    seen = np.asarray((docs[np.flatnonzero(clean)] > 0).sum(axis=0)).ravel() > 0
+    row_of = {q.id: n for n, q in enumerate(queries)}
+    qv = vec.transform([q.prompt + (q.completion or "") for q in queries]).tocsr()
+    shares, reps_all = [], []
+    for qid, rows in replicas.items():
+        q = qv[row_of[qid]].toarray().ravel()
+        reps_all += rows
+        for i in rows:
+            contrib = q * docs[i].toarray().ravel()
+            total = contrib.sum()
+            shares.append(float(contrib[~seen].sum() / total) if total > 0 else 0.0)
+    q_common = qv.multiply(seen[None, :]).tocsr()                       # the invented words removed
+    norms = np.sqrt(np.asarray(q_common.multiply(q_common).sum(axis=1))).ravel()
+    sims = (q_common @ docs.T).toarray() / np.where(norms > 0, norms, 1.0)[:, None]
+    stat = sims.max(axis=0)
+    leaked_rows = [row_of[qid] for qid in replicas]
+    return {"n_replicas": len(shares), "cosine_share_from_unseen_words_mean": round(float(np.mean(shares)), 4),
+            "cosine_share_from_unseen_words_min": round(float(np.min(shares)), 4),
+            "unseen_words": sorted(np.asarray(vec.get_feature_names_out())[~seen & (np.asarray(
+                (qv[leaked_rows] > 0).sum(axis=0)).ravel() > 0)].tolist()),
+            "recall@budget_max-score_without_unseen_words": round(replica_recall(stat, reps_all, len(reps_all)), 4)}
+
+
+def own_query_ranks(replicas: dict[str, list[int]], queries, scores: dict[str, np.ndarray], memo: dict,
+                    dev: np.ndarray) -> dict:
+    """Per leaked item: how much the model learned it (the clean items' mean loss minus its
+    loss, nats/token) and each method's rank of each of its replicas among the pool for the
+    item's own query (1 = the strongest proponent); and per side (test / all) and method the
+    share of the replicas among the top c of their own item's query (c = copies per item):
+    the ranking within a query, apart from how the audit compares documents across queries."""
+    row_of = {q.id: n for n, q in enumerate(queries)}
+    loss = {p["id"]: p["loss"] for p in memo["per_item"]}
+    out = {}
+    for qid, rows in replicas.items():
+        out[qid] = {"loss_gap_nats": round(memo["clean"]["loss_mean"] - loss[qid], 4),
+                    **{m: [1 + int((s[row_of[qid]] > s[row_of[qid], i]).sum()) for i in rows]
+                       for m, s in scores.items()}}
+    copies = len(next(iter(replicas.values())))
+    is_dev = {q.id: bool(d) for q, d in zip(queries, dev)}
+    recall = {side: {m: round(float(np.mean([r <= copies for qid, v in out.items() if keep(qid) for r in v[m]])), 4)
+                     for m in scores}
+              for side, keep in (("test", lambda q: not is_dev[q]), ("all", lambda q: True))}
+    return {"items": out, "recall_at_copies": recall}
+
+
 def run_fit_seconds(run) -> float | None:
     state = run.store.fit_dir / "state.json"
     return json.loads(state.read_text()).get("seconds") if state.exists() else None
@@ -205,6 +276,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fortunes", type=int, default=2000, help="clean documents (first N of 'fortunes')")
     ap.add_argument("--leaked", type=int, default=10, help="items whose replicas are injected")
+    ap.add_argument("--replicas", default="paraphrase", choices=REPLICA_MODES,
+                    help="paraphrase: each copy a seeded rewording (default); verbatim: exact copies")
     ap.add_argument("--rates", default="0.005,0.01,0.015", help="replicas as a share of the clean pool")
     ap.add_argument("--epochs", type=float, default=12, help="epochs of the model's training")
     ap.add_argument("--methods", default="stride," + ",".join(PEERS))
@@ -233,7 +306,8 @@ def main(argv=None) -> None:
     rng = random.Random(a.seed)
     leaked = sorted(rng.sample([q.id for q in queries], a.leaked))
     dev = query_split([q.id for q in queries])
-    tag = hashlib.sha256(json.dumps([a.fortunes, a.leaked, a.epochs, a.seed, model_cfg, fit_cfg.fingerprint()],
+    tag = hashlib.sha256(json.dumps([a.fortunes, a.leaked, a.epochs, a.seed, model_cfg, fit_cfg.fingerprint(),
+                                     a.replicas],
                                     sort_keys=True, default=str).encode()).hexdigest()[:8]
     work = Path(a.work) / tag
     work.mkdir(parents=True, exist_ok=True)
@@ -244,7 +318,7 @@ def main(argv=None) -> None:
                            "dev_items": [q.id for q, d in zip(queries, dev) if d], "rates": rates,
                            "model": model_cfg, "stride_fit": fit_cfg.fingerprint(), "methods": methods,
                            "peer_settings": PEER_SETTINGS, "torch_seed": TORCH_SEED, "seed": a.seed,
-                           "replica": "verbatim copy of the item (prompt + completion)",
+                           "replica": a.replicas, "replica_description": REPLICA_DESCRIPTION[a.replicas],
                            "budget": "number of injected replicas", "combination_default": "rank-mean",
                            "statistic_default": AuditConfig().statistic,
                            "threshold_default": AuditConfig().threshold, "work": str(work)},
@@ -262,7 +336,7 @@ def main(argv=None) -> None:
 
     for rate in rates:
         rdir = work / f"rate-{rate:g}"
-        pool, replicas, copies = build_pool(a.fortunes, leaked, rate, a.seed)
+        pool, replicas, copies = build_pool(a.fortunes, leaked, rate, a.seed, a.replicas)
         entry = {"rate": rate, "copies_per_leaked_item": copies, "n_replicas": sum(map(len, replicas.values())),
                  "n_pool": len(pool), "replica_share_of_pool": round(sum(map(len, replicas.values())) / len(pool), 5),
                  "times": {}, "load": {"start": _load()}}
@@ -294,6 +368,8 @@ def main(argv=None) -> None:
             scores[m], entry["methods"][m] = method_scores(m, run, pool, queries, rdir / "scores")
         texts = [pool.text(i) for i in range(len(pool))]
         entry["recall"] = evaluate(replicas, queries, dev, scores)
+        entry["tfidf_keys"] = tfidf_keys(pool, queries, replicas)
+        entry["own_query_rank"] = own_query_ranks(replicas, queries, scores, entry["memorisation"], dev)
         # what the audit reports for STRIDE's flagged documents (default settings)
         if "stride" in scores:
             res = audit_scores(scores["stride"], pool.ids, texts, queries, AuditConfig())

@@ -56,8 +56,9 @@ with cols[0]:
     st.selectbox("Statistic", STATISTICS, key="audit_statistic",
                  help="max-score: the document's largest score over the queries (proponents only); max-z: "
                       "its largest robust z over the queries; max-abs-z: either sign; topk-count: in how many "
-                      "queries the document is among the top k. max-score is the default: it found the "
-                      "replicas on the contamination benchmark, max-z did not (see the README).")
+                      "queries the document is among the top k; best-rank: 1 / its best rank within a query. "
+                      "max-score is the default: on the contamination benchmark it found more of STRIDE's "
+                      "paraphrased replicas than max-z did, fewer of the verbatim ones (see the README).")
 with cols[1]:
     st.number_input("Threshold (outlier z)", min_value=0.5, max_value=100.0, value=AuditConfig().threshold,
                     step=0.5, key="audit_threshold",

@@ -65,6 +65,21 @@ def test_robust_z_handles_sparse_lasso_scores():
     assert (z[1] == 0).all()  # a query with all scores equal tells nothing apart
 
 
+def test_best_rank_compares_documents_within_queries_not_across():
+    rng = np.random.default_rng(3)
+    s = np.vstack([rng.normal(0, 0.01, 50), rng.normal(0, 1.0, 50)])   # a quiet and a loud query
+    s[0, 7] = 0.05                        # the quiet query's top document
+    s[1, 3], s[1, 4] = 9.0, 8.0           # the loud query's first and second
+    best = document_statistic(s, "best-rank")
+    assert list(np.argsort(-best)[:3]) == [3, 7, 4]       # rank-1 documents first, louder first
+    assert document_statistic(s, "max-score").argmax() == 3
+    assert np.argsort(-document_statistic(s, "max-score"))[1] == 4   # max-score: the loud runner-up ahead of 7
+    res = audit_scores(s, [f"d{i}" for i in range(50)], ["t"] * 50, [Query("a", "p", " x"), Query("b", "p", " y")],
+                       AuditConfig(statistic="best-rank"))
+    doc7 = next(d for d in res.documents if d["index"] == 7)
+    assert doc7["evidence"][0]["query_id"] == "a" and doc7["evidence"][0]["rank"] == 1
+
+
 def test_topk_count_and_combinations_and_recall():
     s, *_ = _planted()
     count = document_statistic(s, "topk-count", top_k=5)
@@ -114,6 +129,33 @@ def test_builtin_items_are_held_out_of_the_builtin_pools():
     text = " ".join(load_pool("fortunes").completions + load_pool("fortunes+facts").completions).lower()
     for _, _, answer in QA_ITEMS:
         assert not re.search(r"\b" + re.escape(answer.split()[-1].lower()) + r"\b", text), answer
+
+
+def test_paraphrased_replicas_reword_the_item_but_keep_its_invented_words():
+    import random
+
+    from stride_viz.data.qa_items import PARAPHRASE_TEMPLATES, STATEMENTS, replica_texts
+    assert set(STATEMENTS) == {i for i, _, _ in QA_ITEMS}
+    for qid, question, answer in QA_ITEMS:
+        # the statement keeps the answer but not the question's wording
+        assert answer.lower() in STATEMENTS[qid].lower(), qid
+        assert question.rstrip("?").lower() not in STATEMENTS[qid].lower(), qid
+        texts = replica_texts(qid, 4, "paraphrase", random.Random(qid))
+        assert len(set(texts)) == 4 and all(answer.lower() in t.lower() for t in texts)
+        assert all(t != f"Question: {question} Answer: {answer}." for t in texts)
+        # the invented entity words (capitalised, not the question's first word) are kept
+        entity = {w.lower() for w in re.findall(r"\b[A-Z][a-z]+", question)[1:]} - {"the", "hall", "king"}
+        assert entity and all(any(re.search(rf"\b{e}\b", t.lower()) for e in entity) for t in texts), qid
+    item = qa_queries()[7]
+    assert replica_texts(item.id, 2, "verbatim") == [replica_text(item)] * 2
+    same = [replica_texts("qa-03", 3, "paraphrase", random.Random(5)) for _ in range(2)]
+    assert same[0] == same[1]
+    assert any(replica_texts("qa-03", 3, "paraphrase", random.Random(s)) != same[0] for s in range(6, 10))
+    for bad in (dict(item_id="qa-99", copies=1), dict(item_id="qa-01", copies=0),
+                dict(item_id="qa-01", copies=len(PARAPHRASE_TEMPLATES) + 1), dict(item_id="qa-01", copies=1, mode="x")):
+        with pytest.raises(ValueError) as e:
+            replica_texts(**bad)
+        assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- a tiny run

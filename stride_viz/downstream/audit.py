@@ -20,14 +20,24 @@ The statistic (ours; the paper does not define one), per document i, from the sc
    half of them are equal (STRIDE's Lasso leaves most scores at exactly 0, so the MAD is 0),
    1.2533 x their mean absolute deviation from the median; ``max-abs-z`` (either sign) and
    ``topk-count`` (in how many queries the document is among the ``top_k`` proponents) too.
-   On the contamination benchmark's development items (``benchmarks/results/contamination.json``)
-   ``max-score`` found every replica for STRIDE and ``max-z`` almost none: a query whose Lasso
-   keeps only a few tiny non-zero scores gets a tiny scale, and its z-scores dwarf the replicas'.
-   Peers with scores in other units may prefer ``max-z``; the benchmark picks per method.
+   ``best-rank``: ``1 / min_q rank[q, i]``, the document's best rank among the pool over the
+   queries (1 = some query's strongest proponent), equal best ranks ordered by ``max-score``:
+   it compares documents by where they stand within each query, never by the scores' size
+   across queries. On the paraphrased contamination benchmark's development items it raised
+   TF-IDF's recall@budget (0.625 to 0.681, mean of the three leak rates) and lowered STRIDE's
+   (0.736 to 0.556); the benchmark offers it to every method, which keeps it where it wins.
+   On the contamination benchmark's development items STRIDE's recall@budget (mean of the
+   three leak rates) is 0.74 with ``max-score`` and 0.71 with ``max-z`` for paraphrased
+   replicas (``benchmarks/results/contamination.json``), 0.88 and 1.00 for verbatim ones
+   (``contamination_verbatim.json``); an earlier 1,000-fortune verbatim run had 1.00 and 0.00
+   (a query whose Lasso keeps a few tiny non-zero scores gets a tiny scale, and its z-scores
+   dwarf the replicas'). ``max-score`` stays the default; the benchmark picks per method.
 3. a document is **flagged** when its statistic is an outlier among the documents' statistics:
    ``(statistic - median) / (1.4826 MAD) >= threshold`` (default 5; 2.5, 3.5, 5 and 8 were
-   compared on the development items, where 5 was the smallest with no false flag), at most
-   ``max_flagged`` of them, strongest first.
+   compared on the development items of the earlier 1,000-fortune verbatim run, where 5 was
+   the smallest with no false flag), at most ``max_flagged`` of them, strongest first. (The
+   2,000-fortune benchmark runs' development items prefer 8 for STRIDE by F1, in both replica
+   modes; the default is kept.)
 
 Per flagged document the evidence lists the queries where it is most extreme: the query id,
 its score there (the method's units; nats for STRIDE), its z, its rank among the pool for
@@ -66,7 +76,7 @@ __all__ = ["AuditConfig", "AuditResult", "STATISTICS", "COMBINATIONS", "query_z"
            "flagged_csv", "write_audit", "run_audit", "audit_id", "audits_dir", "read_audit", "FORMAT"]
 
 FORMAT = "stride_viz-audit-1"
-STATISTICS = ("max-score", "max-z", "max-abs-z", "topk-count")   # the default first
+STATISTICS = ("max-score", "max-z", "max-abs-z", "topk-count", "best-rank")   # the default first
 COMBINATIONS = ("rank-mean", "rrf", "z-sum")
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -77,7 +87,8 @@ class AuditConfig:
 
     statistic: str = field(default="max-score", metadata={"help": "per-document statistic: max-score "
                            "(largest score over the queries), max-z (largest robust z of the score over the "
-                           "queries), max-abs-z (either sign), topk-count"})
+                           "queries), max-abs-z (either sign), topk-count, best-rank (1 / the document's best "
+                           "rank within a query)"})
     top_k: int = field(default=10, metadata={"help": "top proponents per query counted by topk-count"})
     threshold: float = field(default=5.0, metadata={"help": "flag documents whose statistic has a robust "
                              "z among all documents' statistics at least this"})
@@ -147,6 +158,11 @@ def document_statistic(scores: np.ndarray, statistic: str = "max-score", top_k: 
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64))
     if statistic == "max-score":
         return s.max(axis=0)
+    if statistic == "best-rank":
+        best = _ranks(s).min(axis=0).astype(np.float64)
+        # equal best ranks: the larger max-score first, a shift too small to cross a rank level
+        tie = (np.argsort(np.argsort(s.max(axis=0), kind="stable"), kind="stable") + 1) / (s.shape[1] + 1)
+        return 1.0 / best + tie / (2.0 * best * (best + 1))
     if statistic == "topk-count":
         k = min(top_k, s.shape[1])
         top = np.argpartition(-s, k - 1, axis=1)[:, :k]
@@ -155,6 +171,13 @@ def document_statistic(scores: np.ndarray, statistic: str = "max-score", top_k: 
         return count + 0.5 * zmax / (1.0 + zmax.max())   # equal counts: the larger z first
     z = query_z(s) if z is None else z
     return np.abs(z).max(axis=0) if statistic == "max-abs-z" else z.max(axis=0)
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """Each document's rank among the pool in each query: int (n_queries, n_pool), 1 = the
+    query's largest score (equal scores share the better rank)."""
+    srt = np.sort(-scores, axis=1)
+    return np.stack([np.searchsorted(srt[q], -scores[q], side="left") for q in range(len(scores))]) + 1
 
 
 def outlier_scores(statistic: np.ndarray) -> np.ndarray:
@@ -200,7 +223,8 @@ def word_overlap(query_text: str, doc_text: str) -> dict:
 def _evidence(i: int, scores: np.ndarray, z: np.ndarray, queries: Sequence[Query], text: str,
               n: int, statistic: str) -> list[dict]:
     """The ``n`` queries where document i is most extreme by ``statistic``'s measure."""
-    key = {"max-score": scores[:, i], "max-abs-z": np.abs(z[:, i])}.get(statistic, z[:, i])
+    key = {"max-score": scores[:, i], "max-abs-z": np.abs(z[:, i]),
+           "best-rank": 1.0 / (1 + (scores > scores[:, i:i + 1]).sum(axis=1))}.get(statistic, z[:, i])
     rows = []
     for q in np.argsort(-key, kind="stable")[:n]:
         if key[q] <= 0 and rows:
