@@ -160,8 +160,9 @@ def fact_ranks(run_dir: str | Path) -> list[dict]:
     for qid, info in query_infos(run_dir).items():   # query.json alone: most queries are no fact
         rows = [row_of[s] for s in fact_sources(run_dir, info) if s in row_of]
         if rows:
-            q = read_query(run_dir, qid)
-            ranks = ranks_of(q.scores, q.backprojection, rows)
+            # the scores alone (not the whole path): this runs again whenever a query is added
+            folder = RunStore(run_dir).attribution_dir(qid)
+            ranks = ranks_of(np.load(folder / "scores.npy"), np.load(folder / "backprojection.npy"), rows)
             best = int(np.argmin(ranks))
             out.append({"query": qid, "best_rank": ranks[best], "sources": len(rows), "best_id": ids[rows[best]]})
     return out
