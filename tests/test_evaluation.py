@@ -343,6 +343,35 @@ def test_retraining_shards_resume_and_match_one_process(tmp_path):
                         fraction=0.5, seed=3)
 
 
+def test_noise_retrains_use_other_seeds_resume_and_are_read_back(tmp_path):
+    from stride_viz.evaluation import retrain
+
+    pool, queries, tok = _tiny_inputs()
+    d = tmp_path / "gt"
+    retrain.prepare(d, pool, queries, tok, TINY_RECIPE, n_subsets=3, fraction=0.5, seed=3)
+    assert retrain.fill(d) == 3
+    assert retrain.fill_noise(d, [1], 3) == 3
+    assert retrain.fill_noise(d, [1], 3) == 0                 # resumes: nothing left
+    gt, noise = ev.read_ground_truth(d), retrain.read_noise(d)
+    assert len(gt.train_subsets) == 3                          # the noise parts are not the ground truth's
+    js, losses = noise[1]
+    assert list(js) == [0, 1, 2] and losses.shape == (3, len(queries))
+    # same subsets, another seed: other losses (the seed matters), of the same size
+    assert not np.allclose(losses, gt.test_loss)
+    np.testing.assert_allclose(losses, gt.test_loss, rtol=0.2)
+    # the seed of the recipe itself is refused (it would repeat the ground truth)
+    with pytest.raises(ValueError, match="seed"):
+        retrain.fill_noise(d, [TINY_RECIPE["seed"]], 2)
+    with pytest.raises(ValueError, match="'n_subsets'"):
+        retrain.fill_noise(d, [2], 9)
+    # the untrained model of the recipe is what training starts from (the twin's weights)
+    m0 = retrain.init_model(TINY_RECIPE, tok)
+    m1 = retrain.train_recipe(TINY_RECIPE, tok, pool, model=retrain.init_model(TINY_RECIPE, tok))
+    m2 = retrain.train_recipe(TINY_RECIPE, tok, pool)
+    w = lambda m: m.transformer.wte.weight
+    assert torch.equal(w(m1), w(m2)) and not torch.equal(w(m0), w(m1))
+
+
 def test_draw_subsets_is_seeded_and_validated():
     from stride_viz.evaluation.retrain import draw_subsets
 
