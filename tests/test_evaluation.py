@@ -294,6 +294,18 @@ def test_evaluate_page_on_a_fresh_clone_shows_the_committed_methods(tmp_path, mo
     m = next(iter(committed))
     assert at.dataframe[0].value.set_index("method").loc[m, "LDS mean"] == pytest.approx(
         report["methods"][m]["lds_mean_dev"], abs=1e-6)
+    if report.get("twin"):  # model dependence: the twin's LDS as the report recorded it
+        frames = [d.value for d in at.dataframe if "LDS twin (test)" in d.value.columns]
+        assert frames, "the page must show the random-weight twin's table"
+        shown_twin = frames[0].set_index("method")
+        for name, r in report["twin"]["methods"].items():
+            if r["status"] == "ok":
+                assert shown_twin.loc[name, "LDS twin (test)"] == pytest.approx(r["lds_mean_test"], abs=1e-12)
+        assert any("Noise ceiling" in el.value for el in at.markdown) == bool(report.get("noise_ceiling"))
+    variants = [m for m in report["methods"] if m.startswith("stride:")]
+    if not variants:  # nothing to show: the toggle says so by being disabled
+        assert at.toggle(key="eval_variants").disabled
+        return
     at.toggle(key="eval_variants").set_value(True).run()  # the ablation, on the development queries
     assert not at.exception
     ablation = at.dataframe[1].value  # after the methods table

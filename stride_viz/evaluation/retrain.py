@@ -11,7 +11,12 @@ to a GPT-2 initialised from ``recipe["seed"]``: the same seed and schedule for e
 so subsets differ only in their data. The tokenizer is trained once on the whole pool and
 kept fixed (it is not what the LDS measures).
 
+The noise ceiling: ``fill_noise`` retrains the first subsets again with other recipe seeds
+(initial weights and batch order) into ``GT_DIR/noise/seed-<s>.jsonl``; the LDS of one seed's
+losses as predictions of another's (``stats.noise_ceiling``) is the best any method can reach.
+
     python -m stride_viz.evaluation.retrain GT_DIR [--shard 0/2] [--threads 1]
+    python -m stride_viz.evaluation.retrain GT_DIR --noise-seeds 1,2 --noise-subsets 8
 """
 from __future__ import annotations
 
