@@ -32,13 +32,22 @@ reuses) everything, in steps that each skip what is already done:
 2. model: the GPT-2 trained from scratch on the whole pool with that recipe;
 3. retrain: the ground truth, >=64 models retrained on random 30% subsets (resumable; more
    processes can help: ``python -m stride_viz.evaluation.retrain GT_DIR --shard 1/2``);
-4. methods: every peer in ``stride_viz.evaluation.baselines`` and STRIDE (engine defaults), one process
+4. noise: the first ``N_NOISE_SUBSETS`` subsets retrained with each of ``NOISE_SEEDS`` as the
+   recipe's seed (``retrain.fill_noise``, files under ``GT_DIR/noise/``): the noise ceiling,
+   the LDS one seed's retrained losses reach as predictions of another's;
+5. methods: every peer in ``stride_viz.evaluation.baselines`` and STRIDE (engine defaults), one process
    per method so that peak memory is per method; scores saved as .npy;
-5. report: every method's scores, compressed (float16, rows scaled), into the committed
+6. twin: every method again on the random-weight twin of the model (``retrain.init_model``:
+   the recipe's GPT-2 as initialised, never trained), compressed scores committed in
+   ``benchmarks/results/lds_scores_twin/``;
+7. report: every method's scores, compressed (float16, rows scaled), into the committed
    ``benchmarks/results/lds_scores/<method>.npz``; ``benchmarks/results/lds.json`` (LDS
    computed from those files, on all queries and on each side of the fixed development/test
    split, with the statistics of ``stride_viz.evaluation.stats`` on the test queries) and
-   ``benchmarks/results/lds.png`` (test queries).
+   ``benchmarks/results/lds.png`` (test queries), with ``noise_ceiling`` and ``twin`` (each
+   method's twin LDS next to its trained LDS). A report on a ground truth of another recipe
+   than the previous report's carries none of its numbers over (its failures and ablation
+   are kept under ``earlier_ground_truth``).
    A method whose scores are gone (an earlier run's) keeps its entry from the previous report.
 
     python benchmarks/lds.py                      # everything
@@ -79,8 +88,10 @@ SCORES = WORK / "lds_scores"
 COMMITTED_SCORES = RESULTS / "lds_scores"
 RUN_DIR = WORK / "lds_stride_run"
 
-# Sized so that one retraining takes ~20 s on a shared 2-core CPU (64 of them in ~25 min).
-RECIPE = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, epochs=2.0, batch_size=32,
+# 10 epochs (was 2): the held-out query loss of a 30% subset's model falls from 6.39 to 5.75
+# nats (benchmarks/results/lds_loss_curve.json; 5.66 after 12, so not fully plateaued); one
+# retraining takes ~20-35 s on a shared 2-core CPU, 64 of them ~30 min.
+RECIPE = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, epochs=10.0, batch_size=32,
               lr=3e-3, max_length=64, seed=0)
 VOCAB = 2048
 N_HELDOUT = 80
@@ -121,6 +132,13 @@ class Layout:
 
 
 DEMO = Layout(GT_DIR, MODEL_DIR, SCORES, RUN_DIR)
+# the random-weight twin of the demo's model: the recipe's GPT-2 as initialised, never trained
+# (same shape, tokenizer and initial weights as the trained model), scored by every method
+TWIN = Layout(GT_DIR, WORK / "lds_model_twin", WORK / "lds_scores_twin", WORK / "lds_stride_run_twin")
+COMMITTED_TWIN_SCORES = RESULTS / "lds_scores_twin"
+# the noise ceiling: the first N_NOISE_SUBSETS subsets retrained with each of NOISE_SEEDS
+NOISE_SEEDS = (1,)
+N_NOISE_SUBSETS = 8
 
 
 def work_layout(work: Path) -> Layout:
@@ -188,6 +206,31 @@ def step_retrain(L: Layout = DEMO) -> int:
     from stride_viz.evaluation.retrain import fill
 
     return fill(L.gt, (0, 1), progress=print_progress)
+
+
+def step_noise() -> int:
+    """The noise ceiling's retrains (``retrain.fill_noise``): N_NOISE_SUBSETS subsets again
+    with each of NOISE_SEEDS as the recipe's seed."""
+    from stride_viz.progress import print_progress
+    from stride_viz.evaluation.retrain import fill_noise
+
+    return fill_noise(GT_DIR, NOISE_SEEDS, N_NOISE_SUBSETS, progress=print_progress)
+
+
+def step_twin_model() -> None:
+    """The random-weight twin: ``retrain.init_model`` of the ground truth's recipe, saved."""
+    from stride_viz.data.models import weights_hash
+    from stride_viz.evaluation.retrain import init_model, open_inputs
+
+    if (TWIN.model / "config.json").exists():
+        _log(f"twin exists: {TWIN.model}")
+        return
+    meta, _, _, tok = open_inputs(GT_DIR)
+    model = init_model(meta["recipe"], tok)
+    TWIN.model.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(TWIN.model)
+    tok.save_pretrained(TWIN.model)
+    _log(f"random-weight twin (weights {weights_hash(model)}) -> {TWIN.model}")
 
 
 VARIANTS = WORK / "lds_variants.json"
@@ -314,7 +357,8 @@ def step_methods(methods, force: bool = False, timeout: float = 3600, L: Layout 
         _log(f"{m}: running")
         t0 = time.monotonic()
         try:
-            cmd = [sys.executable, __file__, "--worker", m] + (["--work", str(work)] if work else [])
+            cmd = ([sys.executable, __file__, "--worker", m] + (["--work", str(work)] if work else [])
+                   + (["--twin"] if L is TWIN else []))
             proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
             SCORES.mkdir(parents=True, exist_ok=True)
@@ -374,14 +418,31 @@ def step_report(committed_only: bool = False) -> dict:
     # planted facts: relevant pool indices of each fact query (by id, through the full pool)
     facts = {f.query.id: f.source_ids for f in load_pool("fortunes+facts").facts}
     fact_rows = [q for q, item in enumerate(queries) if item["id"] in facts]
-    relevant = [[pool.index_of(s) for s in facts[queries[q]["id"]]] for q in fact_rows]
+    # restricted to the ids in the ground truth's own pool: facts added to the built-in pool
+    # later must not change this benchmark
+    in_pool = set(pool.ids)
+    relevant = [[pool.index_of(s) for s in facts[queries[q]["id"]] if s in in_pool] for q in fact_rows]
     heldout_rows = [q for q in range(len(queries)) if q not in set(fact_rows)]
     ids = [item["id"] for item in queries]
     dev = stats.development_mask(meta)
     is_fact = np.isin(np.arange(len(queries)), fact_rows)
     groups = {"heldout": ~is_fact, "facts": is_fact}
     previous = _previous_methods()
-    previous_setting = _previous_report().get("setting", {})
+    previous_report = _previous_report()
+    previous_setting = previous_report.get("setting", {})
+    earlier_gt = None
+    if previous_setting and previous_setting.get("recipe") != meta["recipe"]:
+        # the previous report scored another ground truth: none of its numbers carry over (its
+        # committed score files are other models' scores); its failures and ablation are kept,
+        # labelled, under "earlier_ground_truth"
+        earlier_gt = {"recipe": previous_setting.get("recipe"),
+                      "note": "measured on the earlier ground truth (its recipe above), not "
+                              "comparable with this report's numbers; kept for the record",
+                      "failed": {m: r for m, r in previous.items() if r["status"] != "ok"},
+                      "ablation": previous_report.get("ablation", []),
+                      "lds_mean_test": {m: r.get("lds_mean_test") for m, r in previous.items()
+                                        if r["status"] == "ok" and m in ALL_METHODS}}
+        previous = {}
     methods, loaded = {}, {}
     variants = sorted({p.stem for ext in ("npy", "failed") for p in SCORES.glob(f"stride:*.{ext}")}
                       if SCORES.exists() and not committed_only else [])
@@ -420,6 +481,10 @@ def step_report(committed_only: bool = False) -> dict:
             methods[m][f"recall_at_10_{side}"] = ev.recall_at_k(scores[rows], rel, 10)
             methods[m][f"mrr_{side}"] = ev.mrr(scores[rows], rel)
         methods[m].update({**info, "scores_file": _rel(committed)})
+    for m, r in (earlier_gt or {}).get("failed", {}).items():
+        if m not in methods:
+            methods[m] = {**r, "not_rerun": "not rerun on this ground truth: the failure recorded on "
+                                            "the earlier one (see earlier_ground_truth)"}
     old, new = previous.get("stride"), methods.get("stride")
     if old and new and old["status"] == new["status"] == "ok" and old.get("settings") != new.get("settings"):
         # the defaults changed (their scores file now holds the new ones): keep the earlier
@@ -462,6 +527,13 @@ def step_report(committed_only: bool = False) -> dict:
         "target": target_check(methods, dev),
         "ablation": ablation_table(methods, dev),
     }
+    report["noise_ceiling"] = noise_report(gt, loaded, dev, groups)
+    report["twin"] = twin_report(gt, methods, dev, groups, ids, fact_rows, relevant, committed_only)
+    report["setting"]["retrained_loss"] = retrained_loss(gt, dev, committed_only)
+    if earlier_gt is not None:
+        report["earlier_ground_truth"] = earlier_gt
+    elif "earlier_ground_truth" in previous_report:
+        report["earlier_ground_truth"] = previous_report["earlier_ground_truth"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lds.json").write_text(json.dumps(report, indent=1))
     _plot(report, ~dev)
@@ -624,6 +696,123 @@ def method_statistics(scores: dict, gt, dev: np.ndarray, groups: dict, reference
                                                          N_BOOT, STATS_SEED)
         out[m] = entry
     return out
+
+
+def retrained_loss(gt, dev: np.ndarray, committed_only: bool = False) -> dict:
+    """How trained the ground truth's models are: their mean query loss (nats) over the
+    retrained subsets, next to the base model's and the uniform guess's."""
+    import math
+
+    from stride_viz.data.models import load_model
+    from stride_viz.evaluation.retrain import open_inputs, query_losses
+
+    _, _, queries, tok = open_inputs(GT_DIR)
+    out = {"retrained_mean": float(gt.test_loss.mean()), "retrained_mean_test": float(gt.test_loss[:, ~dev].mean()),
+           "uniform": math.log(len(tok)), "unit": "nats per completion token"}
+    if (MODEL_DIR / "config.json").exists() and not committed_only:
+        lm = load_model(str(MODEL_DIR), device="cpu")
+        out["base_model_mean"] = float(query_losses(lm.model, lm.tokenizer, queries,
+                                                    gt.metadata["recipe"]["max_length"]).mean())
+    else:
+        out["base_model_mean"] = _previous_report().get("setting", {}).get("retrained_loss", {}).get("base_model_mean")
+    return out
+
+
+def noise_report(gt, scores: dict, dev: np.ndarray, groups: dict) -> Optional[dict]:
+    """The noise ceiling on the test queries: the LDS of the retrained losses of one training
+    seed as predictions of another's on the same subsets (``stats.noise_ceiling``), with every
+    method's LDS on the same subsets beside it (a fair comparison: fewer subsets, noisier rho)."""
+    from stride_viz.evaluation.retrain import read_noise
+
+    noise = read_noise(GT_DIR)
+    if not noise:
+        return None
+    base_seed = gt.metadata["recipe"]["seed"]
+    row_of = {int(j): r for r, j in enumerate(gt.subset_index)}
+    common = sorted(set(row_of).intersection(*[set(js.tolist()) for js, _ in noise.values()]))
+    if len(common) < 3:
+        return None
+    losses = [gt.test_loss[[row_of[j] for j in common]]]
+    for s_, (js, l) in sorted(noise.items()):
+        where = {int(j): r for r, j in enumerate(js)}
+        losses.append(l[[where[j] for j in common]])
+    test = ~np.asarray(dev, dtype=bool)
+    ceiling = stats.noise_ceiling(losses)
+    q = stats.bootstrap_queries(ceiling[test], N_BOOT, STATS_SEED)
+    rows = [row_of[j] for j in common]
+    member = gt.membership()[rows].astype(np.float64)
+    target = -gt.test_loss[rows].T
+    same = {}
+    for m, sc in scores.items():
+        rho = stats.spearman_rows(np.asarray(sc, dtype=np.float64) @ member.T, target)
+        same[m] = {"lds_mean_test": float(rho[test].mean()),
+                   "fraction_of_ceiling": float(rho[test].mean() / ceiling[test].mean())
+                   if ceiling[test].mean() > 0 else None}
+    return {"what": "per query, Spearman rho over the same retrained subsets between the query losses of "
+                    "models trained with one recipe seed (initial weights and batch order) and another; "
+                    "mean over the test queries: the LDS no method can exceed on this ground truth "
+                    "(methods' LDS on the same subsets beside it)",
+            "seeds": [base_seed] + sorted(noise), "subsets": common, "n_subsets": len(common),
+            "lds_mean_test": q["mean"], "ci_queries": [q["low"], q["high"]],
+            "groups": {g: float(ceiling[test & np.asarray(mk)].mean()) for g, mk in groups.items()
+                       if (test & np.asarray(mk)).any()},
+            "per_query": [round(float(v), 6) for v in ceiling],
+            "methods_same_subsets": same,
+            "code": "stride_viz.evaluation.stats.noise_ceiling; retrains: stride_viz.evaluation.retrain.fill_noise"}
+
+
+def twin_report(gt, methods: dict, dev: np.ndarray, groups: dict, ids: list, fact_rows: list,
+                relevant: list, committed_only: bool) -> Optional[dict]:
+    """Model dependence: every method's LDS from scores computed on the random-weight twin
+    (``TWIN``), next to its LDS on the trained model; each method's entry also gets ``twin``.
+    Scores: the work folder's float32 ones (saved compressed to COMMITTED_TWIN_SCORES first),
+    else the committed ones."""
+    test = ~np.asarray(dev, dtype=bool)
+    out = {}
+    for m in ALL_METHODS:
+        work, committed = TWIN.scores / f"{m}.npy", COMMITTED_TWIN_SCORES / f"{m}.npz"
+        if work.exists() and not committed_only:
+            sc = ev.save_scores(committed, ev.load_scores(work, len(ids)), ids)
+            info = json.loads((TWIN.scores / f"{m}.json").read_text())
+        elif committed.exists():
+            sc = ev.load_scores(committed, len(ids), ids)
+            info = (_previous_report().get("twin") or {}).get("methods", {}).get(m, {}).get("run", {})
+        else:
+            if (TWIN.scores / f"{m}.failed").exists() and not committed_only:
+                out[m] = {"status": "failed", "error": (TWIN.scores / f"{m}.failed").read_text().strip()}
+            continue
+        res = ev.lds(sc, gt.train_subsets, gt.test_loss)
+        rho = res.per_query
+        q = stats.bootstrap_queries(rho[test], N_BOOT, STATS_SEED)
+        entry = {"status": "ok", "lds_mean_test": q["mean"], "ci_queries": [q["low"], q["high"]],
+                 "groups": {g: float(rho[test & np.asarray(mk)].mean()) for g, mk in groups.items()},
+                 "lds_mean_dev": float(rho[dev].mean()),
+                 "recall_at_10_test": ev.recall_at_k(sc[[r for r in fact_rows if test[r]]],
+                                                     [rel for r, rel in zip(fact_rows, relevant) if test[r]], 10),
+                 "lds_per_query": [round(float(v), 6) for v in rho],
+                 "scores_file": _rel(committed),
+                 "run": {k: info.get(k) for k in ("seconds_fit", "seconds_per_query", "peak_rss_mb", "wall_seconds")}}
+        trained = methods.get(m, {})
+        if trained.get("status") == "ok":
+            t = trained["lds_mean_test"]
+            entry["trained_lds_mean_test"] = t
+            entry["twin_over_trained"] = float(entry["lds_mean_test"] / t) if t > 0 else None
+            trained["twin"] = {k: entry[k] for k in ("lds_mean_test", "ci_queries", "groups",
+                                                     "recall_at_10_test", "twin_over_trained")}
+        out[m] = entry
+    if not out:
+        return None
+    st = out.get("stride", {})
+    return {"what": "every method's scores computed on a random-weight twin of the benchmark's model (the "
+                    "recipe's GPT-2 as initialised from its seed: same shape, tokenizer and initial "
+                    "weights, never trained), scored against the same ground truth; a method that "
+                    "explains what the model learnt loses most of its LDS on the twin",
+            "model": str(TWIN.model.relative_to(ROOT)) + " (git-ignored; rebuilt by --steps twin)",
+            "target": {"what": "STRIDE's test LDS on the twin <= half of its test LDS on the trained model",
+                       "stride_twin": st.get("lds_mean_test"), "stride_trained": st.get("trained_lds_mean_test"),
+                       "met": (st.get("twin_over_trained") is not None and st["twin_over_trained"] <= 0.5)
+                       if st.get("status") == "ok" else None},
+            "methods": out}
 
 
 STATISTICS_DOC = {
@@ -892,7 +1081,8 @@ def main() -> None:
     g.add_argument("--settings", default="{}",
                    help='JSON {method: settings} differing from the committed defaults, e.g. '
                         '\'{"stride": {"fit": {"subsets": 64}}}\' (recorded in RESULT.json; tests only)')
-    ap.add_argument("--steps", default="prepare,model,retrain,methods,report", help="the demo's steps")
+    ap.add_argument("--steps", default="prepare,model,retrain,noise,methods,twin,report",
+                    help="the demo's steps (twin: every --methods on the random-weight twin)")
     ap.add_argument("--methods", default=None,
                     help=f"comma-separated (demo default: all of {','.join(ALL_METHODS)}; "
                          f"--pool default: stride,ekfac,tfidf)")
@@ -906,9 +1096,10 @@ def main() -> None:
                     help='an ablation of STRIDE: NAME=JSON, e.g. k256=\'{"fit": {"subsets": 256}}\' '
                          'or cv1se=\'{"recovery": {"selection": "cv-1se"}}\'; run as method stride:NAME')
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--twin", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        run_one_method(a.worker, work_layout(Path(a.work)) if a.work else DEMO)
+        run_one_method(a.worker, work_layout(Path(a.work)) if a.work else (TWIN if a.twin else DEMO))
         return
     if a.pool:
         a.methods = a.methods or "stride,ekfac,tfidf"
@@ -943,8 +1134,13 @@ def main() -> None:
         step_model()
     if "retrain" in steps:
         step_retrain()
+    if "noise" in steps:
+        step_noise()
     if "methods" in steps:
         step_methods(methods, a.force, a.timeout)
+    if "twin" in steps:
+        step_twin_model()
+        step_methods([m for m in methods if m in ALL_METHODS], a.force, a.timeout, TWIN)
     if "report" in steps:
         step_report()
 

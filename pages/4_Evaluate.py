@@ -293,6 +293,36 @@ if stat_rows:
                 if c.startswith("Wilcoxon p")})
     st.dataframe(sframe, hide_index=True, width="stretch", key="eval_stats", column_config=fmt)
 
+twin = (report or {}).get("twin")
+ceiling = (report or {}).get("noise_ceiling")
+if twin or ceiling:
+    st.subheader("Does the score come from the model? (test queries)")
+    parts = []
+    if ceiling:
+        parts.append(
+            f"**Noise ceiling: LDS {ceiling['lds_mean_test']:+.3f}** (95% CI over queries "
+            f"[{ceiling['ci_queries'][0]:+.3f}, {ceiling['ci_queries'][1]:+.3f}]): the first "
+            f"{ceiling['n_subsets']} subsets were retrained with other training seeds "
+            f"({', '.join(str(s) for s in ceiling['seeds'][1:])}); the LDS of one seed's retrained losses "
+            "as predictions of another's on the same subsets. No attribution can beat it: the part of a "
+            "retrained loss that changes with the seed alone is noise to every method. Each method's "
+            "LDS on those same subsets is shown beside it.")
+    if twin:
+        tgt = twin.get("target") or {}
+        parts.append(
+            "**Random-weight twin**: the same methods scored a twin of the model (same shape, "
+            "tokenizer and initial weights, never trained) against the same retrained losses. What a "
+            "method keeps on the twin comes from the text, not from what the model learnt"
+            + (f"; STRIDE keeps {tgt['stride_twin'] / tgt['stride_trained']:.0%} of its LDS "
+               f"(target: at most 50%, {'met' if tgt.get('met') else 'not met'})."
+               if tgt.get("stride_twin") is not None and tgt.get("stride_trained") else "."))
+    st.markdown("\n\n".join(parts))
+    if twin:
+        tframe = eval_plots.twin_frame(twin.get("methods", {}), ceiling)
+        st.dataframe(tframe, hide_index=True, width="stretch", key="eval_twin",
+                     column_config={c: st.column_config.NumberColumn(format="%.2f" if c in ("twin / trained", "share of the noise ceiling") else "%+.3f")
+                                    for c in tframe.columns if c != "method" and "CI" not in c})
+
 # ----------------------------------------------------------------------------- one query
 st.subheader("One query: predicted effect vs. retrained loss")
 labels = [f"{(q['prompt'] + '▸' + q['completion'])[:100]} ({q['id']})" for q in queries]

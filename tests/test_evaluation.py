@@ -294,6 +294,18 @@ def test_evaluate_page_on_a_fresh_clone_shows_the_committed_methods(tmp_path, mo
     m = next(iter(committed))
     assert at.dataframe[0].value.set_index("method").loc[m, "LDS mean"] == pytest.approx(
         report["methods"][m]["lds_mean_dev"], abs=1e-6)
+    if report.get("twin"):  # model dependence: the twin's LDS as the report recorded it
+        frames = [d.value for d in at.dataframe if "LDS twin (test)" in d.value.columns]
+        assert frames, "the page must show the random-weight twin's table"
+        shown_twin = frames[0].set_index("method")
+        for name, r in report["twin"]["methods"].items():
+            if r["status"] == "ok":
+                assert shown_twin.loc[name, "LDS twin (test)"] == pytest.approx(r["lds_mean_test"], abs=1e-12)
+        assert any("Noise ceiling" in el.value for el in at.markdown) == bool(report.get("noise_ceiling"))
+    variants = [m for m in report["methods"] if m.startswith("stride:")]
+    if not variants:  # nothing to show: the toggle says so by being disabled
+        assert at.toggle(key="eval_variants").disabled
+        return
     at.toggle(key="eval_variants").set_value(True).run()  # the ablation, on the development queries
     assert not at.exception
     ablation = at.dataframe[1].value  # after the methods table
@@ -341,6 +353,35 @@ def test_retraining_shards_resume_and_match_one_process(tmp_path):
     with pytest.raises(ev.GroundTruthError, match="recipe"):
         retrain.prepare(a, pool, queries, tok, {**TINY_RECIPE, "lr": 1e-2}, n_subsets=3,
                         fraction=0.5, seed=3)
+
+
+def test_noise_retrains_use_other_seeds_resume_and_are_read_back(tmp_path):
+    from stride_viz.evaluation import retrain
+
+    pool, queries, tok = _tiny_inputs()
+    d = tmp_path / "gt"
+    retrain.prepare(d, pool, queries, tok, TINY_RECIPE, n_subsets=3, fraction=0.5, seed=3)
+    assert retrain.fill(d) == 3
+    assert retrain.fill_noise(d, [1], 3) == 3
+    assert retrain.fill_noise(d, [1], 3) == 0                 # resumes: nothing left
+    gt, noise = ev.read_ground_truth(d), retrain.read_noise(d)
+    assert len(gt.train_subsets) == 3                          # the noise parts are not the ground truth's
+    js, losses = noise[1]
+    assert list(js) == [0, 1, 2] and losses.shape == (3, len(queries))
+    # same subsets, another seed: other losses (the seed matters), of the same size
+    assert not np.allclose(losses, gt.test_loss)
+    np.testing.assert_allclose(losses, gt.test_loss, rtol=0.2)
+    # the seed of the recipe itself is refused (it would repeat the ground truth)
+    with pytest.raises(ValueError, match="seed"):
+        retrain.fill_noise(d, [TINY_RECIPE["seed"]], 2)
+    with pytest.raises(ValueError, match="'n_subsets'"):
+        retrain.fill_noise(d, [2], 9)
+    # the untrained model of the recipe is what training starts from (the twin's weights)
+    m0 = retrain.init_model(TINY_RECIPE, tok)
+    m1 = retrain.train_recipe(TINY_RECIPE, tok, pool, model=retrain.init_model(TINY_RECIPE, tok))
+    m2 = retrain.train_recipe(TINY_RECIPE, tok, pool)
+    w = lambda m: m.transformer.wte.weight
+    assert torch.equal(w(m1), w(m2)) and not torch.equal(w(m0), w(m1))
 
 
 def test_draw_subsets_is_seeded_and_validated():

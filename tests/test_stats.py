@@ -268,3 +268,75 @@ def test_stats_frame_and_difference_figure_from_report_entries():
     q = fig.data[0]
     assert list(q.x) == [-0.2] and list(q.error_x.arrayminus) == pytest.approx([0.2])
     assert "<b>" not in "".join(fig.layout.yaxis.ticktext)  # user text is escaped
+
+
+def test_noise_ceiling_known_cases_and_validation():
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(40, 3))                       # (subsets, queries)
+    # the same losses under both seeds: a perfect ceiling
+    np.testing.assert_allclose(stats.noise_ceiling([signal, signal.copy()]), 1.0)
+    # seeds that share nothing: about 0; a monotone transform keeps the ranks (Spearman)
+    np.testing.assert_allclose(stats.noise_ceiling([signal, np.exp(signal)]), 1.0)
+    a, b = rng.normal(size=(400, 200)), rng.normal(size=(400, 200))
+    assert abs(stats.noise_ceiling([a, b]).mean()) < 0.02
+    # three seeds: the mean of the three pairwise rho
+    c = signal + rng.normal(size=signal.shape)
+    pairs = [stats.spearman_rows(x.T, y.T) for x, y in ((signal, c), (signal, -c), (c, -c))]
+    np.testing.assert_allclose(stats.noise_ceiling([signal, c, -c]), np.mean(pairs, axis=0))
+    for bad in ([signal], [signal, signal[:5]], [signal[:2], signal[:2]]):
+        with pytest.raises(ValueError, match="noise_ceiling"):
+            stats.noise_ceiling(bad)
+
+
+def test_committed_noise_ceiling_and_twin_recompute_from_the_committed_files():
+    """lds.json's noise ceiling from the committed ground truth (its noise/ retrains) and the
+    random-weight twin's LDS from the committed twin scores."""
+    from stride_viz.evaluation.retrain import read_noise
+
+    report = _report()
+    gt = ev.read_ground_truth(ROOT / report["ground_truth"])
+    ids = [q["id"] for q in gt.metadata["queries"]]
+    test = ~stats.development_mask(gt.metadata)
+    nc = report.get("noise_ceiling")
+    assert nc, "lds.json must report the noise ceiling"
+    noise = read_noise(ROOT / report["ground_truth"])
+    row = {int(j): r for r, j in enumerate(gt.subset_index)}
+    losses = [gt.test_loss[[row[j] for j in nc["subsets"]]]]
+    for seed in nc["seeds"][1:]:
+        js, l = noise[seed]
+        at = {int(j): r for r, j in enumerate(js)}
+        losses.append(l[[at[j] for j in nc["subsets"]]])
+    ceiling = stats.noise_ceiling(losses)
+    np.testing.assert_allclose(ceiling, nc["per_query"], atol=1e-6)
+    assert ceiling[test].mean() == pytest.approx(nc["lds_mean_test"], abs=1e-9)
+    twin = report.get("twin")
+    assert twin and twin["methods"]["stride"]["status"] == "ok"
+    for m, r in twin["methods"].items():
+        if r["status"] != "ok":
+            continue
+        path = ROOT / r["scores_file"]
+        assert path.is_relative_to(RESULTS) and path.suffix == ".npz", m
+        res = ev.lds(ev.load_scores(path, len(ids), ids), gt.train_subsets, gt.test_loss)
+        np.testing.assert_allclose(res.per_query, r["lds_per_query"], atol=1e-6, err_msg=m)
+        assert res.per_query[test].mean() == pytest.approx(r["lds_mean_test"], abs=1e-9)
+        trained = report["methods"][m]
+        assert r["trained_lds_mean_test"] == pytest.approx(trained["lds_mean_test"], abs=1e-12)
+    t = twin["target"]
+    assert t["met"] == (t["stride_twin"] <= 0.5 * t["stride_trained"])
+
+
+def test_twin_frame_lists_trained_twin_and_ceiling_share():
+    from stride_viz.app.eval_plots import twin_frame
+
+    twin = {"stride": {"status": "ok", "trained_lds_mean_test": 0.5, "lds_mean_test": 0.1,
+                       "ci_queries": [0.05, 0.15], "twin_over_trained": 0.2,
+                       "groups": {"heldout": 0.05, "facts": 0.2}},
+            "tfidf": {"status": "ok", "trained_lds_mean_test": 0.3, "lds_mean_test": 0.3,
+                      "ci_queries": [0.2, 0.4], "twin_over_trained": 1.0, "groups": {"heldout": 0.3}},
+            "trak": {"status": "failed", "error": "x"}}
+    ceiling = {"methods_same_subsets": {"stride": {"lds_mean_test": 0.45, "fraction_of_ceiling": 0.6}}}
+    df = twin_frame(twin, ceiling)
+    assert list(df["method"]) == ["stride", "tfidf"]            # best trained first, failures left out
+    assert df.loc[0, "twin / trained"] == 0.2 and df.loc[0, "twin 95% CI, queries"] == "[+0.050, +0.150]"
+    assert df.loc[0, "share of the noise ceiling"] == 0.6 and np.isnan(df.loc[1, "share of the noise ceiling"])
+    assert df.loc[0, "twin, planted facts"] == 0.2 and np.isnan(df.loc[1, "twin, planted facts"])

@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from stride_viz.app.plots import plot_text
 
 __all__ = ["lds_distribution", "methods_frame", "ablation_frame", "prediction_scatter",
-           "scaling_figure", "method_color", "stats_frame", "difference_figure", "GROUP_LABELS"]
+           "scaling_figure", "method_color", "stats_frame", "difference_figure", "twin_frame",
+           "GROUP_LABELS"]
 
 GROUP_LABELS = {"heldout": "held-out text", "facts": "planted facts"}
 
@@ -138,6 +139,32 @@ def stats_frame(methods: Mapping[str, dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values("LDS (test)", ascending=False).reset_index(drop=True)
+    return df
+
+
+def twin_frame(twin: Mapping[str, dict], ceiling: Optional[Mapping] = None) -> pd.DataFrame:
+    """Model dependence, test queries: per method (the "twin"."methods" entries of an lds.json
+    report) its LDS on the trained model and on the random-weight twin, their ratio and the
+    twin's LDS by query group; with ``ceiling`` (the report's "noise_ceiling"), each method's
+    LDS on the ceiling's subsets and its share of the ceiling. Best trained LDS first."""
+    same = (ceiling or {}).get("methods_same_subsets", {})
+    rows = []
+    for m, r in twin.items():
+        if r.get("status", "ok") != "ok":
+            continue
+        row = {"method": m, "LDS trained (test)": r.get("trained_lds_mean_test", np.nan),
+               "LDS twin (test)": r["lds_mean_test"], "twin 95% CI, queries": _interval(r.get("ci_queries")),
+               "twin / trained": r.get("twin_over_trained", np.nan)}
+        for g, label in GROUP_LABELS.items():
+            if g in (r.get("groups") or {}):
+                row[f"twin, {label}"] = r["groups"][g]
+        if m in same:
+            row["LDS on the ceiling's subsets"] = same[m]["lds_mean_test"]
+            row["share of the noise ceiling"] = same[m].get("fraction_of_ceiling", np.nan)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values("LDS trained (test)", ascending=False, na_position="last").reset_index(drop=True)
     return df
 
 

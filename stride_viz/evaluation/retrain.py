@@ -11,7 +11,12 @@ to a GPT-2 initialised from ``recipe["seed"]``: the same seed and schedule for e
 so subsets differ only in their data. The tokenizer is trained once on the whole pool and
 kept fixed (it is not what the LDS measures).
 
+The noise ceiling: ``fill_noise`` retrains the first subsets again with other recipe seeds
+(initial weights and batch order) into ``GT_DIR/noise/seed-<s>.jsonl``; the LDS of one seed's
+losses as predictions of another's (``stats.noise_ceiling``) is the best any method can reach.
+
     python -m stride_viz.evaluation.retrain GT_DIR [--shard 0/2] [--threads 1]
+    python -m stride_viz.evaluation.retrain GT_DIR --noise-seeds 1,2 --noise-subsets 8
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ from stride_viz.data.pools import Pool, Query, make_pool
 from stride_viz.progress import StageTimer, no_progress, print_progress
 from stride_viz.data.tokenize import encode, sequence_losses
 
-__all__ = ["draw_subsets", "query_losses", "train_recipe", "prepare", "fill", "open_inputs",
-           "RECIPE_KEYS"]
+__all__ = ["draw_subsets", "query_losses", "init_model", "train_recipe", "prepare", "fill", "open_inputs",
+           "RECIPE_KEYS", "fill_noise", "read_noise", "NOISE_DIR"]
 
 RECIPE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "epochs", "batch_size", "lr",
                "max_length", "seed")
@@ -67,11 +72,9 @@ def query_losses(model, tokenizer, queries: Sequence[Query], max_length: int,
     return torch.cat(out).numpy()
 
 
-def train_recipe(recipe: dict, tokenizer, pool: Pool, progress: Callable = no_progress):
-    """A GPT-2 initialised from ``recipe['seed']`` and trained with ``train_lm`` on ``pool``."""
+def init_model(recipe: dict, tokenizer):
+    """The recipe's GPT-2 before training: initialised from ``recipe['seed']``."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from stride_viz.data.models import train_lm
 
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
@@ -83,7 +86,16 @@ def train_recipe(recipe: dict, tokenizer, pool: Pool, progress: Callable = no_pr
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])
-        model = GPT2LMHeadModel(config)
+        return GPT2LMHeadModel(config)
+
+
+def train_recipe(recipe: dict, tokenizer, pool: Pool, progress: Callable = no_progress, model=None):
+    """A GPT-2 initialised from ``recipe['seed']`` and trained with ``train_lm`` on ``pool``
+    (``model``: that initial model, made by ``init_model``, when the caller wants to watch it
+    train)."""
+    from stride_viz.data.models import train_lm
+
+    model = init_model(recipe, tokenizer) if model is None else model
     return train_lm(model, tokenizer, pool, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
                     lr=recipe["lr"], seed=recipe["seed"],
                     max_length=min(recipe["max_length"], recipe["n_positions"]), progress=progress)
@@ -159,6 +171,57 @@ def fill(gt_dir: str | Path, shard: tuple[int, int] = (0, 1), limit: Optional[in
     return len(todo)
 
 
+NOISE_DIR = "noise"
+
+
+def fill_noise(gt_dir: str | Path, seeds: Sequence[int], n_subsets: int,
+               progress: Callable = no_progress, should_stop: Callable[[], bool] = lambda: False) -> int:
+    """The noise ceiling's retrains: subsets 0..n_subsets-1 of the ground truth trained again
+    with the recipe's ``seed`` (initial weights and batch order) set to each of ``seeds``, one
+    line per subset in ``GT_DIR/noise/seed-<s>.jsonl`` (the part-file format; outside the
+    ground truth's own parts). Resumes like ``fill``; returns how many were added."""
+    gt_dir = Path(gt_dir)
+    meta, pool, queries, tokenizer = open_inputs(gt_dir)
+    if not 1 <= n_subsets <= meta["n_subsets"]:
+        raise ValueError(f"The 'n_subsets' parameter must be in [1, {meta['n_subsets']}]. Got {n_subsets!r} instead.")
+    if meta["recipe"]["seed"] in seeds:
+        raise ValueError(f"The noise seeds must differ from the ground truth's own seed "
+                         f"{meta['recipe']['seed']}; got {list(seeds)}.")
+    subsets = draw_subsets(len(pool), meta["n_subsets"], meta["fraction"], meta["seed"])
+    todo = []
+    for s in seeds:
+        part = gt_dir / NOISE_DIR / f"seed-{s}.jsonl"
+        done = ({int(json.loads(line)["subset_index"]) for line in part.read_text().splitlines() if line}
+                if part.exists() else set())
+        todo += [(s, j) for j in range(n_subsets) if j not in done]
+    (gt_dir / NOISE_DIR).mkdir(exist_ok=True)
+    timer = StageTimer("noise retrain", len(todo), progress, min_interval=0.0)
+    for count, (s, j) in enumerate(todo):
+        if should_stop():
+            break
+        model = train_recipe({**meta["recipe"], "seed": s}, tokenizer, pool.subset(subsets[j]))
+        losses = query_losses(model, tokenizer, queries, meta["recipe"]["max_length"])
+        ev.append_result(gt_dir / NOISE_DIR / f"seed-{s}.jsonl", j, subsets[j], losses)
+        timer.update(count + 1, f"seed {s} subset {j}: mean query loss {losses.mean():.3f} nats", force=True)
+    return len(todo)
+
+
+def read_noise(gt_dir: str | Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The noise retrains: seed -> (subset indices (k,), query losses (k, n_queries)), rows
+    sorted by subset index; {} when there are none."""
+    out = {}
+    for part in sorted((Path(gt_dir) / NOISE_DIR).glob("seed-*.jsonl")):
+        rows = {}
+        for line in part.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows.setdefault(int(r["subset_index"]), r["test_loss"])
+        js = sorted(rows)
+        out[int(part.stem.split("-", 1)[1])] = (np.array(js, dtype=np.int64),
+                                                np.array([rows[j] for j in js], dtype=np.float64))
+    return out
+
+
 def _main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stride_viz.evaluation.retrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +229,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: take the subsets j with j %% n == i")
     ap.add_argument("--limit", type=int, default=None, help="stop after this many subsets")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--noise-seeds", default="",
+                    help="comma-separated recipe seeds: retrain the first --noise-subsets subsets "
+                         "with each (the noise ceiling) instead of filling the ground truth")
+    ap.add_argument("--noise-subsets", type=int, default=8)
     a = ap.parse_args(argv)
     try:
         i, n = (int(x) for x in a.shard.split("/"))
@@ -173,6 +240,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
         ap.error(f"--shard must look like 0/2; got {a.shard!r}")
     torch.set_num_threads(a.threads)
     t0 = time.monotonic()
+    if a.noise_seeds:
+        try:
+            seeds = [int(x) for x in a.noise_seeds.split(",") if x]
+        except ValueError:
+            ap.error(f"--noise-seeds must be comma-separated integers; got {a.noise_seeds!r}")
+        added = fill_noise(a.gt_dir, seeds, a.noise_subsets, progress=print_progress)
+        print(f"added {added} noise retrains in {time.monotonic() - t0:.0f} s")
+        return
     added = fill(a.gt_dir, (i, n), a.limit, progress=print_progress)
     print(f"added {added} retrained subsets in {time.monotonic() - t0:.0f} s")
 

@@ -17,6 +17,9 @@ Everything compares two methods on the same queries and the same retrained subse
 Intervals are percentile intervals (``level``, default 95%) of ``n_boot`` resamples drawn
 from ``numpy.random.default_rng(seed)``: the same inputs give the same interval.
 
+``noise_ceiling``: the LDS the retrained losses of one training seed reach as predictions of
+another seed's on the same subsets, the best any method can do.
+
 ``development_mask`` reads the fixed development/test split of a ground truth's metadata.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from scipy.stats import rankdata, wilcoxon
 
 __all__ = ["spearman_rows", "resampled_spearman", "percentile_interval", "bootstrap_queries",
            "bootstrap_subsets", "wilcoxon_p", "paired_comparison", "mean_summary", "development_mask", "split_metadata",
-           "SPLIT_RULE"]
+           "noise_ceiling", "SPLIT_RULE"]
 
 N_BOOT = 2000
 LEVEL = 0.95
@@ -238,3 +241,21 @@ def development_mask(metadata: dict) -> np.ndarray:
         raise GroundTruthError(f"The ground truth's split names query {missing[0]!r} on neither or "
                                f"both sides; every query must be on exactly one side.")
     return np.array([q in dev for q in ids], dtype=bool)
+
+
+def noise_ceiling(losses: Sequence[np.ndarray]) -> np.ndarray:
+    """The LDS no attribution method can beat, given training noise: per query, the Spearman
+    rho over the subsets between the losses of models trained with one seed and those of
+    models trained on the same subsets with another seed, averaged over every pair of seeds.
+    A method's prediction is a fixed function of the subset, so it cannot track the part of
+    the retrained loss that changes with the seed alone.
+
+    losses: >= 2 arrays of shape (k, n_queries), one per seed, rows = the same k subsets in
+    the same order. Returns float64 (n_queries,)."""
+    arrs = [np.asarray(x, dtype=np.float64) for x in losses]
+    if len(arrs) < 2 or any(a.shape != arrs[0].shape for a in arrs) or arrs[0].ndim != 2 \
+            or arrs[0].shape[0] < 3:
+        raise ValueError(f"noise_ceiling needs >= 2 arrays of one shape (k >= 3 subsets, n_queries); "
+                         f"got shapes {[a.shape for a in arrs]}.")
+    pairs = [(i, j) for i in range(len(arrs)) for j in range(i + 1, len(arrs))]
+    return np.mean([spearman_rows(arrs[i].T, arrs[j].T) for i, j in pairs], axis=0)
