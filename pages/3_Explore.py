@@ -217,8 +217,8 @@ with st.form("explore_explain_form", border=True):
         {k: v for k, v in (q.meta.get("recovery_config") or {}).items() if k in known_recovery}))
     idle = explainer.idle_seconds()
     st.caption(f"A background process keeps this run's model and operators loaded: the first request "
-               f"of a run loads them once (seconds to a minute); after that a prompt is explained in "
-               f"about a second. It stops after {f'{idle / 60:g} minutes' if idle >= 60 else f'{idle:g} s'} "
+               f"of a run loads them once (seconds to a minute); after that a prompt's scores are written in "
+               f"about a second and shown here a second or two later. It stops after {f'{idle / 60:g} minutes' if idle >= 60 else f'{idle:g} s'} "
                f"without a request.")
 if st.session_state.get("explore_explain"):
     _explain_status(st.session_state["explore_explain"])
