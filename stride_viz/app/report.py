@@ -16,7 +16,7 @@ import datetime as _dt
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -130,16 +130,18 @@ def read_pool_rows(run_dir: str | Path) -> pd.DataFrame:
     return df
 
 
+def _facts_by_query(run_dir: str | Path) -> dict[tuple, list[str]]:
+    """(prompt, completion) of each planted fact's query -> its source ids (facts.json)."""
+    path = Path(run_dir) / "facts.json"
+    if not path.exists():
+        return {}
+    return {(f["query"]["prompt"], f["query"]["completion"]): list(f["source_ids"]) for f in read_json(path)}
+
+
 def fact_sources(run_dir: str | Path, query: dict) -> list[str]:
     """Pool ids of the documents that state a planted fact whose prompt and completion match
     ``query`` (empty when the pool has no planted facts or the query is not one)."""
-    path = Path(run_dir) / "facts.json"
-    if not path.exists():
-        return []
-    for f in read_json(path):
-        if f["query"]["prompt"] == query.get("prompt") and f["query"]["completion"] == query.get("completion"):
-            return list(f["source_ids"])
-    return []
+    return list(_facts_by_query(run_dir).get((query.get("prompt"), query.get("completion")), []))
 
 
 def ranks_of(scores: np.ndarray, backprojection: np.ndarray, rows: Sequence[int]) -> list[int]:
@@ -151,20 +153,34 @@ def ranks_of(scores: np.ndarray, backprojection: np.ndarray, rows: Sequence[int]
     return [int(position[r]) for r in rows]
 
 
-def fact_ranks(run_dir: str | Path) -> list[dict]:
+def source_ranks(run_dir: str | Path, query_id: str, rows: Sequence[int]) -> list[int]:
+    """Ranks (``ranks_of``) of pool rows ``rows`` in one explained query's scores; reads the
+    scores alone, not the whole path."""
+    folder = RunStore(run_dir).attribution_dir(query_id)
+    return ranks_of(np.load(folder / "scores.npy"), np.load(folder / "backprojection.npy"), rows)
+
+
+def fact_ranks(run_dir: str | Path, ranks: Callable[[str, tuple], list[int]] | None = None,
+               ids: Optional[list[str]] = None) -> list[dict]:
     """For every explained query of the run that asks for a planted fact: the rank of its best
-    known source document. Rows: {"query", "best_rank", "sources", "best_id"}."""
-    ids = read_pool_rows(run_dir)["id"].tolist()
+    known source document. Rows: {"query", "best_rank", "sources", "best_id"}. ``ranks(query
+    id, source rows)``: how to rank them (default ``source_ranks``; the dashboard passes a cached
+    one, since this runs again whenever a query is added); ``ids``: the pool's ids in order, if
+    already read."""
+    facts = _facts_by_query(run_dir)
+    if not facts:
+        return []
+    ids = ids if ids is not None else read_pool_rows(run_dir)["id"].tolist()
     row_of = {e: i for i, e in enumerate(ids)}
+    rank = ranks or (lambda qid, rows: source_ranks(run_dir, qid, rows))
     out = []
     for qid, info in query_infos(run_dir).items():   # query.json alone: most queries are no fact
-        rows = [row_of[s] for s in fact_sources(run_dir, info) if s in row_of]
+        sources = facts.get((info.get("prompt"), info.get("completion")), [])
+        rows = tuple(row_of[s] for s in sources if s in row_of)
         if rows:
-            # the scores alone (not the whole path): this runs again whenever a query is added
-            folder = RunStore(run_dir).attribution_dir(qid)
-            ranks = ranks_of(np.load(folder / "scores.npy"), np.load(folder / "backprojection.npy"), rows)
-            best = int(np.argmin(ranks))
-            out.append({"query": qid, "best_rank": ranks[best], "sources": len(rows), "best_id": ids[rows[best]]})
+            r = rank(qid, rows)
+            best = int(np.argmin(r))
+            out.append({"query": qid, "best_rank": r[best], "sources": len(rows), "best_id": ids[rows[best]]})
     return out
 
 

@@ -6,6 +6,7 @@ job table, and start jobs through :class:`stride_viz.jobs.Executor`.
 """
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path
@@ -322,13 +323,24 @@ def query_infos(path: str) -> dict[str, dict]:
     return _query_infos(path, _mtime(Path(path) / "attributions"))
 
 
+@functools.lru_cache(maxsize=4096)     # st.cache_data's hashing would cost more than the lookup
+def _source_ranks(path: str, query_id: str, rows: tuple, stamp: float) -> list[int]:
+    return report.source_ranks(path, query_id, rows)
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def _fact_ranks(path: str, stamp: float) -> list[dict]:
-    return report.fact_ranks(path)
+    from stride_viz.storage import RunStore
+    store = RunStore(path)
+    return report.fact_ranks(path, lambda qid, rows: _source_ranks(
+        path, qid, rows, _mtime(store.attribution_dir(qid) / "meta.json")),
+        ids=pool_rows(path)["id"].tolist())
 
 
 def fact_ranks(path: str) -> list[dict]:
-    """report.fact_ranks, recomputed only when an attribution is added."""
+    """report.fact_ranks, recomputed only when an attribution is added, and then only for the
+    fact queries whose scores changed (a new prompt is explained without reading every fact's
+    scores again)."""
     return _fact_ranks(path, _mtime(Path(path) / "attributions"))
 
 
