@@ -750,8 +750,10 @@ def noise_report(gt, scores: dict, dev: np.ndarray, groups: dict) -> Optional[di
                    if ceiling[test].mean() > 0 else None}
     return {"what": "per query, Spearman rho over the same retrained subsets between the query losses of "
                     "models trained with one recipe seed (initial weights and batch order) and another; "
-                    "mean over the test queries: the LDS no method can exceed on this ground truth "
-                    "(methods' LDS on the same subsets beside it)",
+                    "mean over the test queries: the scale of training noise, what a method that reproduced "
+                    "one retrained model exactly would score; a method predicting the loss averaged over seeds "
+                    "could score more (under independent additive noise about its square root), so it is a "
+                    "reference, not a hard limit (methods' LDS on the same subsets beside it)",
             "seeds": [base_seed] + sorted(noise), "subsets": common, "n_subsets": len(common),
             "lds_mean_test": q["mean"], "ci_queries": [q["low"], q["high"]],
             "groups": {g: float(ceiling[test & np.asarray(mk)].mean()) for g, mk in groups.items()

@@ -304,9 +304,11 @@ if twin or ceiling:
             f"[{ceiling['ci_queries'][0]:+.3f}, {ceiling['ci_queries'][1]:+.3f}]): the first "
             f"{ceiling['n_subsets']} subsets were retrained with other training seeds "
             f"({', '.join(str(s) for s in ceiling['seeds'][1:])}); the LDS of one seed's retrained losses "
-            "as predictions of another's on the same subsets. No attribution can beat it: the part of a "
-            "retrained loss that changes with the seed alone is noise to every method. Each method's "
-            "LDS on those same subsets is shown beside it.")
+            "as predictions of another's on the same subsets: the scale of training noise, what a method that "
+            "reproduced one retrained model exactly would score. The part of a retrained loss that changes "
+            "with the seed alone is noise to every method; a method that predicted the loss averaged over "
+            "seeds could score somewhat more (about the square root, with independent noise), so this is "
+            "a reference, not a hard limit. Each method's LDS on those same subsets is shown beside it.")
     if twin:
         tgt = twin.get("target") or {}
         parts.append(

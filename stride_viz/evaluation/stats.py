@@ -18,7 +18,8 @@ Intervals are percentile intervals (``level``, default 95%) of ``n_boot`` resamp
 from ``numpy.random.default_rng(seed)``: the same inputs give the same interval.
 
 ``noise_ceiling``: the LDS the retrained losses of one training seed reach as predictions of
-another seed's on the same subsets, the best any method can do.
+another seed's on the same subsets: the scale of training noise (a reference, not a hard limit;
+see its docstring).
 
 ``development_mask`` reads the fixed development/test split of a ground truth's metadata.
 """
@@ -244,11 +245,14 @@ def development_mask(metadata: dict) -> np.ndarray:
 
 
 def noise_ceiling(losses: Sequence[np.ndarray]) -> np.ndarray:
-    """The LDS no attribution method can beat, given training noise: per query, the Spearman
-    rho over the subsets between the losses of models trained with one seed and those of
-    models trained on the same subsets with another seed, averaged over every pair of seeds.
-    A method's prediction is a fixed function of the subset, so it cannot track the part of
-    the retrained loss that changes with the seed alone.
+    """The scale of training noise in LDS units: per query, the Spearman rho over the subsets
+    between the losses of models trained with one seed and those of models trained on the same
+    subsets with another seed, averaged over every pair of seeds. It is what a method that
+    reproduced one retrained model exactly would score. A method's prediction is a fixed
+    function of the subset, so it cannot track the part of the retrained loss that changes with
+    the seed alone; but a method that predicted the loss averaged over seeds would score more
+    than this (with independent additive noise, about its square root), so read it as a
+    reference, not as a hard limit.
 
     losses: >= 2 arrays of shape (k, n_queries), one per seed, rows = the same k subsets in
     the same order. Returns float64 (n_queries,)."""
