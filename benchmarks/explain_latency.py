@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from test_browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM, _explain_in_browser, _free_port, \
-        _plot_summary, _wait
+        _plot_summary, _wait, stop_jobs
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -111,16 +110,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=20)
         log.close()
-        from stride_viz.jobs import JobStore, LocalProcessExecutor, explainer
-        if (home / "jobs.sqlite").exists():
-            ex = LocalProcessExecutor(JobStore(home / "jobs.sqlite"))
-            for job in ex.store.list():
-                if job.active:
-                    ex.cancel(job.id)
-            for where in {str(run), str(run.resolve()), str(home / "runs" / run.name)}:
-                record = explainer.explainer_record(ex.store, where)
-                if record is not None:           # the run's explainer would idle 10 minutes
-                    os.kill(int(record["pid"]), signal.SIGTERM)
+        stop_jobs(home)                          # the run's explainer would idle 10 minutes
     # the explainer wrote the new queries into the run: remove them again (they were only a test)
     from stride_viz.jobs import query_id_for
     for prompt, completion in PROMPTS:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_DEMO = {
     "pool_limit": 80,
@@ -104,3 +107,37 @@ def hostile_copy(run_dir: str | Path, home: Path) -> Path:
     now = time.time()
     os.utime(dst / "run.json", (now, now))
     return dst
+
+
+def open_page(page: str | None = None, root: Path = ROOT, **params: str):
+    """The app through Streamlit's AppTest, as a user arrives: ``app.py`` (of ``root``) run with
+    the URL's query ``params``, then switched to ``page`` (e.g. "pages/3_Explore.py") and run
+    again; fails on any exception. Returns the AppTest."""
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file(str(Path(root) / "app.py"), default_timeout=120)
+    for k, v in params.items():
+        at.query_params[k] = v
+    at.run()
+    if page is not None:
+        at.switch_page(page)
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def fresh_clone(tmp_path: Path) -> Path:
+    """What a fresh clone holds for the Evaluate page: the pages and the committed LDS results
+    (lds.json, its ground truth, the scores), no benchmarks/work/; returns the clone's root."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("app.py", "pages", ".streamlit"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, clone / name)
+    results = ROOT / "benchmarks" / "results"
+    dst = clone / "benchmarks" / "results"
+    dst.mkdir(parents=True)
+    shutil.copy(results / "lds.json", dst / "lds.json")
+    ground_truth = json.loads((results / "lds.json").read_text())["ground_truth"]
+    shutil.copytree(ROOT / ground_truth, clone / ground_truth)
+    shutil.copytree(results / "lds_scores", dst / "lds_scores")
+    return clone

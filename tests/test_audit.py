@@ -15,6 +15,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import TINY_FIT
+from dashboard_run import open_page
 from stride_viz.config import ConfigError
 from stride_viz.data.pools import Query, load_pool, make_pool
 from stride_viz.data.qa_items import QA_ITEMS, qa_queries, replica_text
@@ -272,12 +273,7 @@ def test_audit_job_validates_then_writes_the_runs_audit(audit_home, monkeypatch)
 
 
 def _page(home: Path) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/5_Audit.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_page("pages/5_Audit.py")
 
 
 def test_audit_page_launches_and_shows_flagged_documents_as_text(audit_home, audit_run, monkeypatch):

@@ -54,6 +54,28 @@ def _wait(condition, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def stop_jobs(home: Path) -> None:
+    """Cancel the active jobs of the data directory ``home`` and stop the explainer of every
+    run under ``home/runs`` (each would otherwise idle on for its timeout after the server
+    is gone)."""
+    import signal
+
+    from stride_viz.jobs import explainer
+    if not (home / "jobs.sqlite").exists():
+        return
+    ex = LocalProcessExecutor(JobStore(home / "jobs.sqlite"))
+    for job in ex.store.list():
+        if job.active:
+            ex.cancel(job.id)
+    for run in sorted((home / "runs").iterdir()) if (home / "runs").is_dir() else []:
+        record = explainer.explainer_record(ex.store, run)   # keyed by the resolved path
+        if record is not None:
+            try:
+                os.kill(int(record["pid"]), signal.SIGTERM)
+            except ProcessLookupError:                      # it has just exited
+                pass
+
+
 @pytest.fixture
 def server(tmp_path):
     """A Streamlit server on a free port with a fresh data directory; yields (url, home)."""
@@ -87,11 +109,7 @@ def server(tmp_path):
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
-        if (home / "jobs.sqlite").exists():
-            ex = LocalProcessExecutor(JobStore(home / "jobs.sqlite"))
-            for job in ex.store.list():
-                if job.active:
-                    ex.cancel(job.id)
+        stop_jobs(home)
 
 
 @pytest.fixture

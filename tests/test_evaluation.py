@@ -244,37 +244,14 @@ def test_committed_scores_reproduce_every_committed_lds():
             assert value == pytest.approx(r[key], abs=1e-6), (m, key)
 
 
-def _fresh_clone(tmp_path):
-    """What a fresh clone holds for the dashboard: the pages and the committed results, no
-    benchmarks/work/ (the pages find the results next to themselves)."""
-    import shutil
-
-    clone = tmp_path / "clone"
-    clone.mkdir()
-    for name in ("app.py", "pages", ".streamlit"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, clone / name)
-    report = _committed_report()
-    dst = clone / "benchmarks" / "results"
-    dst.mkdir(parents=True)
-    shutil.copy(RESULTS / "lds.json", dst / "lds.json")
-    shutil.copytree(ROOT / report["ground_truth"], clone / report["ground_truth"])
-    shutil.copytree(RESULTS / "lds_scores", dst / "lds_scores")
-    return clone, report
-
-
 def test_evaluate_page_on_a_fresh_clone_shows_the_committed_methods(tmp_path, monkeypatch):
     import re
 
-    from streamlit.testing.v1 import AppTest
+    from dashboard_run import fresh_clone, open_page
 
-    clone, report = _fresh_clone(tmp_path)
+    clone, report = fresh_clone(tmp_path), _committed_report()
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
-    at = AppTest.from_file(str(clone / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/4_Evaluate.py")
-    at.run()
-    assert not at.exception, at.exception
+    at = open_page("pages/4_Evaluate.py", root=clone)
     assert at.radio(key="eval_split").value == "test"
     committed = {m for m, r in report["methods"].items() if r["status"] == "ok" and r.get("scores_file")}
     table = at.dataframe[0].value.set_index("method")

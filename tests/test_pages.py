@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard_run import HOSTILE, TINY_DEMO, TINY_DEMO_ENV, hostile_copy, tiny_demo_home, tiny_demo_info
+from dashboard_run import HOSTILE, TINY_DEMO, TINY_DEMO_ENV, hostile_copy, open_page, tiny_demo_home, tiny_demo_info
 from stride_viz.jobs import JobError, JobStore, LocalProcessExecutor
 from stride_viz.app import launch, plots
 from stride_viz.app.report import build_report, csv_text, fact_ranks, query_snippet, ranks_of, read_run
@@ -40,16 +40,7 @@ def home(demo, monkeypatch):
             ex.cancel(job.id)
 
 
-def _app(page: str | None = None, **params: str) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    for k, v in params.items():
-        at.query_params[k] = v
-    at.run()
-    if page is not None:
-        at.switch_page(page)
-        at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+_app = open_page
 
 
 def _decode(obj):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,13 +128,8 @@ def test_select_cli_round_trip_and_one_line_errors(fitted_run, targets_file, tmp
 
 
 def _select_page():
-    from streamlit.testing.v1 import AppTest
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/6_Select.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    from dashboard_run import open_page
+    return open_page("pages/6_Select.py")
 
 
 def test_select_page_launches_a_selection_and_shows_it(page_home):

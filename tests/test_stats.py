@@ -197,27 +197,12 @@ def test_committed_statistics_recompute_from_the_committed_files():
 
 
 def test_evaluate_page_shows_the_committed_statistics(tmp_path, monkeypatch):
-    import shutil
-
-    from streamlit.testing.v1 import AppTest
+    from dashboard_run import fresh_clone, open_page
 
     report = _report()
-    clone = tmp_path / "clone"          # what a fresh clone holds: pages + committed results
-    clone.mkdir()
-    for name in ("app.py", "pages", ".streamlit"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, clone / name)
-    dst = clone / "benchmarks" / "results"
-    dst.mkdir(parents=True)
-    shutil.copy(RESULTS / "lds.json", dst / "lds.json")
-    shutil.copytree(ROOT / report["ground_truth"], clone / report["ground_truth"])
-    shutil.copytree(RESULTS / "lds_scores", dst / "lds_scores")
+    clone = fresh_clone(tmp_path)       # what a fresh clone holds: pages + committed results
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
-    at = AppTest.from_file(str(clone / "app.py"), default_timeout=120)
-    at.run()
-    at.switch_page("pages/4_Evaluate.py")
-    at.run()
-    assert not at.exception, at.exception
+    at = open_page("pages/4_Evaluate.py", root=clone)
     frames = [f.value for f in at.dataframe if "Wilcoxon p" in f.value.columns]
     assert len(frames) == 1
     table = frames[0].set_index("method")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import shutil
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,6 @@ from stride_viz.method.measurement import steered_logits
 from stride_viz.method.recovery import RecoveryError
 from conftest import TINY_FIT
 from stride_viz.method.tokens import TOKENS_FILE, first_word_token, load_tokens, recover_tokens, save_tokens
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -231,18 +228,12 @@ def test_token_figures_escape_tokens_and_say_their_units(token_run):
 
 
 def test_explore_shows_the_token_view_and_keeps_the_token_in_the_url(token_run, tmp_path, monkeypatch):
-    from streamlit.testing.v1 import AppTest
+    from dashboard_run import open_page
     home = tmp_path / "home"
     shutil.copytree(token_run.store.root, home / "runs" / "tokrun")
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(home))
     fact = token_run.pool.facts[0].query.id
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    for k, v in {"run": "tokrun", "query": f"tok-{fact}", "token": "1"}.items():
-        at.query_params[k] = v
-    at.run()
-    at.switch_page("pages/3_Explore.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = open_page("pages/3_Explore.py", run="tokrun", query=f"tok-{fact}", token="1")
     pills = at.pills(key="explore_token")
     tokens = read_attribution(home / "runs" / "tokrun", f"tok-{fact}").info["tokens"]
     assert len(pills.options) == len(tokens)
@@ -262,23 +253,12 @@ def test_explore_shows_the_token_view_and_keeps_the_token_in_the_url(token_run, 
     at.toggle(key="explore_tokens_on").set_value(True).run()               # and on again
     assert at.pills(key="explore_token").value is not None and "token" in at.query_params
     # without &token= in the link the view starts off: the page draws its three main charts
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    for k, v in {"run": "tokrun", "query": f"tok-{fact}"}.items():
-        at.query_params[k] = v
-    at.run()
-    at.switch_page("pages/3_Explore.py")
-    at.run()
-    assert not at.exception and at.toggle(key="explore_tokens_on").value is False
+    at = open_page("pages/3_Explore.py", run="tokrun", query=f"tok-{fact}")
+    assert at.toggle(key="explore_tokens_on").value is False
     assert len(at.get("plotly_chart")) == 3
     # a query explained without per-token scores (a link to it) says so and gives the command;
     # (its prompt and completion are those of tok-<fact>: the query selectbox shows both alike)
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    for k, v in {"run": "tokrun", "query": fact}.items():
-        at.query_params[k] = v
-    at.run()
-    at.switch_page("pages/3_Explore.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = open_page("pages/3_Explore.py", run="tokrun", query=fact)
     assert at.selectbox(key="explore_query").value == fact
     assert not [p for p in at.pills if p.key == "explore_token"]
     assert any("--per-token" in c.value and fact in c.value for c in at.code)
@@ -352,7 +332,7 @@ def test_a_word_split_into_tokens_is_one_span_scored_by_the_mean_of_its_tokens()
 def test_explore_scores_a_word_split_into_tokens_as_a_whole(token_run, tmp_path, monkeypatch):
     """A completion word the tokenizer splits (an unseen word): Explore's token view offers the
     whole word, scored by the mean of its tokens' scores."""
-    from streamlit.testing.v1 import AppTest
+    from dashboard_run import open_page
     from stride_viz.method.tokens import word_span
     [a] = token_run.attribute([Query("tok-split", "The capital of Vorlandia is", " Zqxvorlund.")],
                               per_token=True, continuations=False)
@@ -362,13 +342,7 @@ def test_explore_scores_a_word_split_into_tokens_as_a_whole(token_run, tmp_path,
     home = tmp_path / "home"
     shutil.copytree(token_run.store.root, home / "runs" / "tokrun")
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(home))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    for k, v in {"run": "tokrun", "query": "tok-split", "token": str(multi[0])}.items():
-        at.query_params[k] = v
-    at.run()
-    at.switch_page("pages/3_Explore.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = open_page("pages/3_Explore.py", run="tokrun", query="tok-split", token=str(multi[0]))
     assert at.toggle(key="explore_token_word").value is False           # the token alone first
     at.toggle(key="explore_token_word").set_value(True).run()
     assert not at.exception, [e.value for e in at.exception]

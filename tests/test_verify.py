@@ -104,15 +104,8 @@ def test_limits_and_bad_parameters_are_refused_with_one_line(fitted_run):
 
 
 def _explore(run_name: str, query: str):
-    from pathlib import Path
-    from streamlit.testing.v1 import AppTest
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120)
-    at.query_params["run"], at.query_params["query"] = run_name, query
-    at.run()
-    at.switch_page("pages/3_Explore.py")
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    from dashboard_run import open_page
+    return open_page("pages/3_Explore.py", run=run_name, query=query)
 
 
 def test_explore_verify_button_runs_the_job_and_shows_both_changes(page_home):
