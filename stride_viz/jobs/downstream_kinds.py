@@ -32,11 +32,8 @@ def _run_dir(p: dict) -> str:
     run_dir = p.get("run_dir")
     if not isinstance(run_dir, str) or not run_dir:
         raise JobError("The 'run_dir' job parameter must be a run directory; pick a run.")
-    store = RunStore(run_dir)
-    if not store.meta_path.exists():
-        raise JobError(f"Run directory '{Path(run_dir).name}' has no run.json; pick a fitted run.")
-    if not store.is_fitted():
-        raise JobError("This run has no fitted operators yet; wait for its fit to finish.")
+    from .kinds import check_fitted_run      # (kinds imports this module at its end)
+    check_fitted_run(run_dir, "pick a fitted run", shown=Path(run_dir).name)
     return str(Path(run_dir).resolve())
 
 

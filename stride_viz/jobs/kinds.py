@@ -45,7 +45,7 @@ from stride_viz.storage import RunStore
 
 from .store import JobError
 
-__all__ = ["JobKind", "JobContext", "KINDS", "get_kind", "query_id_for", "DEMO_FREE_PROMPT", "demo_params_from_env",
+__all__ = ["JobKind", "JobContext", "KINDS", "get_kind", "check_fitted_run", "query_id_for", "DEMO_FREE_PROMPT", "demo_params_from_env",
            "check_new_prompt", "explain", "MAX_PROMPT_CHARS", "STAGES", "stage_position", "fit_plan"]
 
 DEMO_FREE_PROMPT = "A fortune for today: "
@@ -491,13 +491,19 @@ def check_new_prompt(prompt: Any, completion: Any = None) -> tuple[str, Optional
     return prompt, completion
 
 
-def _validate_explain(p: dict) -> dict:
-    run_dir = _need(p, "run_dir", (str,), "the run directory")
+def check_fitted_run(run_dir: str, hint: str, shown: str | None = None) -> None:
+    """Refuse (JobError) a run directory without run.json (the message names it as ``shown``,
+    default ``run_dir``, and ends with ``hint``: where to pick one) or without fitted operators."""
     store = RunStore(run_dir)
     if not store.meta_path.exists():
-        raise JobError(f"Run directory '{run_dir}' has no run.json; pick a run from the Explore page.")
+        raise JobError(f"Run directory '{shown or run_dir}' has no run.json; {hint}.")
     if not store.is_fitted():
         raise JobError("This run has no fitted operators yet; wait for its fit to finish.")
+
+
+def _validate_explain(p: dict) -> dict:
+    run_dir = _need(p, "run_dir", (str,), "the run directory")
+    check_fitted_run(run_dir, "pick a run from the Explore page")
     prompt, completion = check_new_prompt(p.get("prompt"), p.get("completion"))
     recovery = p.get("recovery") or {}
     _recovery_config(recovery)
@@ -540,11 +546,7 @@ def _validate_audit(p: dict) -> dict:
     ``RUN/audits/<audit id>``, named after the queries and settings."""
     from stride_viz.downstream.audit import AuditConfig, audit_id, audits_dir
     run_dir = _need(p, "run_dir", (str,), "the run directory")
-    store = RunStore(run_dir)
-    if not store.meta_path.exists():
-        raise JobError(f"Run directory '{run_dir}' has no run.json; pick a run on the Audit page.")
-    if not store.is_fitted():
-        raise JobError("This run has no fitted operators yet; wait for its fit to finish.")
+    check_fitted_run(run_dir, "pick a run on the Audit page")
     queries = _check_queries(p.get("queries"))
     audit = p.get("audit") or {}
     try:
