@@ -9,8 +9,10 @@ A plain `streamlit run app.py` (loopback) with a fresh data folder holding a lin
 Selenium (Debian's /usr/bin/chromium and /usr/bin/chromedriver: `make browser`), the same
 click-to-charts measure as tests/test_browser.py: the clock starts at the click and stops when
 the URL names the new query (`query=`) and Explore's three charts are drawn with the new
-query's responses, polled every 50 ms. Prints and writes benchmarks/results/explain_latency.json
-(every request's seconds, the machine's load average before and after, torch threads of the
+query's responses, polled every 50 ms. The browser window is a laptop screen's, 1440 x 900
+(`--window`; the browser test's 1400 x 5200, which lays out and paints the whole page at once,
+is slower). Prints and writes benchmarks/results/explain_latency.json (every request's
+seconds, the window, the machine's load average before and after, torch threads of the
 explainer: one, see README).
 """
 from __future__ import annotations
@@ -52,7 +54,12 @@ def main() -> None:
     ap.add_argument("--home", default=None,
                     help="STRIDE_VIZ_HOME holding the demo (default: ~/.stride_viz)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "explain_latency.json"))
+    ap.add_argument("--window", default="1440x900", help="browser window WIDTHxHEIGHT (default 1440x900)")
     a = ap.parse_args()
+    try:
+        width, height = (int(v) for v in a.window.lower().split("x"))
+    except ValueError:
+        sys.exit(f"--window must be WIDTHxHEIGHT in pixels, e.g. 1440x900; got {a.window!r}")
 
     from test_browser import CHROME_FLAGS, CHROMEDRIVER, CHROMIUM, _explain_in_browser, _free_port, \
         _plot_summary, _wait, stop_jobs
@@ -83,7 +90,7 @@ def main() -> None:
                               stdout=log, stderr=subprocess.STDOUT)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp / 'chrome'}", "--window-size=1400,5200"]:
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp / 'chrome'}", f"--window-size={width},{height}"]:
         options.add_argument(flag)
     driver = None
     load_before = os.getloadavg()
@@ -120,7 +127,9 @@ def main() -> None:
     out = {"what": "seconds from the click on Explore's 'Explain' to the new query's URL and three charts "
                    "drawn (headless Chromium, polled every 50 ms); the first request starts the run's "
                    "explainer and loads the model, the later ones are what the 3 s target is about",
-           "command": "python benchmarks/explain_latency.py" + (f" --run {a.run}" if a.run else ""),
+           "command": "python benchmarks/explain_latency.py" + (f" --run {a.run}" if a.run else "")
+                      + (f" --window {a.window}" if a.window != "1440x900" else ""),
+           "window": [width, height],
            "run": str(run), "run_config": json.loads((run / "run.json").read_text()).get("config"),
            "n_pool": sum(1 for _ in open(run / "pool.jsonl")) if (run / "pool.jsonl").exists() else None,
            "machine": f"{os.cpu_count()} CPU cores, explainer on one torch thread",

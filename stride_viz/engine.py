@@ -407,7 +407,7 @@ class Stride:
         """Add per-token scores (tokens.npz) to a query this run has explained already (an
         attribution made without them), with the RecoveryConfig it was explained with; the
         rest of its folder is kept as it is. Returns the attribution, re-read. ``should_stop``
-        is asked before each token: True raises Cancelled and writes nothing."""
+        is asked before each token and within its solve: True raises Cancelled and writes nothing."""
         a = read_attribution(self.store.root, query_id)
         folder = self.store.attribution_dir(query_id)
         meta = read_json(folder / "meta.json", fix=self.store.attribution_fix(query_id))

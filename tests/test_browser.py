@@ -198,7 +198,8 @@ def _explain_in_browser(driver, prompt: str, completion: str) -> float:
         field.send_keys(Keys.DELETE)
         field.send_keys(text)
     before = driver.execute_script(_RESPONSES_SIGNATURE)
-    button = next(b for b in driver.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "Explain")
+    # by its widget key: reading every button's text races the page's reruns (stale elements)
+    button = driver.find_element(By.CSS_SELECTOR, ".st-key-explore_explain_submit button")
     t0 = time.monotonic()
     button.click()
 

@@ -226,3 +226,20 @@ def test_same_seed_same_result_different_seed_different_folds(planted):
     other = Recoverer(m, RecoveryConfig(seed=1))
     assert any(not np.array_equal(a, b) for a, b in zip(again.folds, other.folds))
     assert not np.array_equal(other.recover(y).cv_mean, rec.cv_mean)
+
+
+def test_should_stop_is_asked_within_the_solve(planted):
+    """Background work (the explainer's per-token scores) gives way to a request within one
+    fold's path: the stop is asked before the full path and before each fold."""
+    from stride_viz.progress import Cancelled
+    m, _w, _idx, y, rec = planted
+    recoverer = Recoverer(m, RecoveryConfig())
+    calls = []
+    same = recoverer.recover(y, should_stop=lambda: calls.append(1) and False)
+    assert len(calls) == 1 + RecoveryConfig().cv_folds
+    np.testing.assert_array_equal(same.scores, rec.scores)     # asking changes nothing
+    for stop_at in (1, 3):
+        asked = []
+        with pytest.raises(Cancelled):
+            recoverer.recover(y, should_stop=lambda: len(asked) >= stop_at or asked.append(1))
+        assert len(asked) == stop_at

@@ -4,14 +4,14 @@ model they steer is :mod:`stride_viz.method.frozen`).
 One shared low-rank basis ``B: R^D -> R^r`` reads a hidden state; operator ``k`` owns a matrix
 ``A[k]`` that maps the r features to a shift. Three designs (``FitConfig.mode``):
 
-- ``factored`` (default): ``logits[C] <- logits[C] + B(h_L) A[k] U`` with ``A[k]: r x r2`` per
-  operator and one shared, trained output basis ``U: r2 x |C|``. Per operator r * r2 numbers
-  (512 at the defaults), whatever the vocabulary: the cost no longer grows with K * V.
-- ``logits``: ``logits[C_k] <- logits[C_k] + B(h_L) A[k]`` with ``A[k]: r x |C_k|``. With
-  ``vocabulary = "subset"`` (the default) C_k are the tokens of operator k's own subset (its
-  fidelity loss can only ever ask it to raise those), so an operator holds r * |C_k| numbers,
-  a few hundred tokens' worth for a subset of a few dozen documents, whatever V is; with
-  ``"pool"`` or ``"full"`` every operator shifts all of C (the first design).
+- ``logits`` (default): ``logits[C_k] <- logits[C_k] + B(h_L) A[k]`` with ``A[k]: r x |C_k|``.
+  With ``vocabulary = "pool"`` (the default) or ``"full"`` every operator shifts all of C; with
+  ``"subset"`` C_k are the tokens of operator k's own subset (its fidelity loss can only ever
+  ask it to raise those), so an operator holds r * |C_k| numbers, a few hundred tokens' worth
+  for a subset of a few dozen documents, whatever V is.
+- ``factored``: ``logits[C] <- logits[C] + B(h_L) A[k] U`` with ``A[k]: r x r2`` per operator
+  and one shared, trained output basis ``U: r2 x |C|``. Per operator r * r2 numbers (512 at
+  r 8, r2 64), whatever the vocabulary: the cost does not grow with K * V.
 - ``residual``: ``h_l <- h_l + rms(h_l) B(h_l / rms(h_l)) A[k]`` with ``A[k]: r x D``, after block
   ``layer``; the frozen blocks above run as usual.
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -39,6 +39,7 @@ from sklearn.linear_model import enet_path
 from threadpoolctl import ThreadpoolController
 
 from stride_viz.config import RecoveryConfig
+from stride_viz.progress import Cancelled
 
 __all__ = ["Recovery", "Recoverer", "RecoveryError", "backproject", "save_recovery",
            "load_recovery"]
@@ -296,6 +297,11 @@ class _WorkingSet:
         return int(new.size)
 
 
+def _stop_if(should_stop: Callable[[], bool]) -> None:
+    if should_stop():
+        raise Cancelled("the recovery was stopped")
+
+
 class Recoverer:
     """Per-query sparse recovery against one membership matrix.
 
@@ -340,15 +346,19 @@ class Recoverer:
                                for held in self.folds]
         self._held = [self.membership[held] for held in self.folds]
 
-    def recover(self, y: np.ndarray) -> Recovery:
+    def recover(self, y: np.ndarray, should_stop: Callable[[], bool] = lambda: False) -> Recovery:
         """Recover the influence vector of one query.
 
         Args:
             y: float (K,) operator responses of the query, nats.
+            should_stop: asked before the full path and before each fold's (a fraction of a
+                second apart on the demo run): True stops the solve (background work that
+                gives way to a request, e.g. the explainer's per-token scores).
         Returns:
             Recovery with the chosen scores, the path and the CV curve.
         Raises:
             RecoveryError: y of the wrong shape or with NaN / infinite values.
+            Cancelled: should_stop() said so.
         """
         cfg = self.config
         y = _check_y(y, self.k)
@@ -362,9 +372,14 @@ class Recoverer:
         rng = np.random.RandomState(cfg.seed)   # only seeds scikit-learn's unused shuffling
         # Parameter validation costs more than a small solve: the inputs are checked here.
         with sklearn.config_context(skip_parameter_validation=True), _one_blas_thread():
+            _stop_if(should_stop)
             coefs = self._full.path(yc, alphas, self.max_nonzero, rng, self.tol)
             alphas = alphas[: coefs.shape[0]]
-            errors = np.stack([self._fold_error(f, y, alphas, rng) for f in range(len(self.folds))])
+            fold_errors = []
+            for f in range(len(self.folds)):
+                _stop_if(should_stop)
+                fold_errors.append(self._fold_error(f, y, alphas, rng))
+            errors = np.stack(fold_errors)
         n_folds = errors.shape[0]
         cv_mean = errors.mean(axis=0)
         cv_std = errors.std(axis=0, ddof=1) / np.sqrt(n_folds)

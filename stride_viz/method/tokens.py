@@ -120,7 +120,8 @@ def recover_tokens(recoverer: Recoverer, token_responses: np.ndarray,
         whole, responses: the whole completion's recovery and responses (K,); when the
             completion has one token, its column equals the responses and the whole recovery is
             reused instead of being solved again.
-        should_stop: asked before each token; True stops the work (Cancelled).
+        should_stop: asked before each token and within each token's solve (before its path
+            and each fold); True stops the work (Cancelled).
     Returns:
         TokenRecovery.
     Raises:
@@ -142,7 +143,7 @@ def recover_tokens(recoverer: Recoverer, token_responses: np.ndarray,
             recs.append(whole)
             continue
         try:
-            recs.append(recoverer.recover(col))
+            recs.append(recoverer.recover(col, should_stop))
         except RecoveryError as e:
             raise RecoveryError(f"Completion token {t}: {e}") from None
     rows = [sp.csr_matrix(r.scores.reshape(1, -1).astype(np.float32)) for r in recs]
