@@ -405,7 +405,7 @@ def peer_settings(method: str, L: "Layout") -> tuple[str, dict]:
     if method != base:
         over.update(_spec(method))
     if over.get("checkpoints"):
-        over["checkpoints"] = [str(_ensemble_model(int(c.split(":", 1)[1]))) if str(c).startswith("seed:")
+        over["checkpoints"] = [_rel(_ensemble_model(int(c.split(":", 1)[1]))) if str(c).startswith("seed:")
                                else c for c in over["checkpoints"]]
     return base, over
 
@@ -824,8 +824,8 @@ def tuning_report(methods: dict, loaded: dict, gt, dev: np.ndarray, groups: dict
                    "test queries (statistics as in 'statistics', vs_stride: against STRIDE's choice)",
            "rule": "choice = argmax over the method's settings of the mean LDS on the development queries",
            "budget": {"settings_per_method": n_scored, "equal": len(set(n_scored.values())) == 1,
-                      "rounds": "round 1 fixed before any setting was scored; round 2 (if any) chosen after "
-                                "reading round 1's development LDS only",
+                      "rounds": "round 1 fixed before any setting was scored; each later round chosen after "
+                                "reading the earlier rounds' development LDS only",
                       "plan": "benchmarks/lds.py TUNING"},
            "methods": choice}
     if "stride" not in chosen:
