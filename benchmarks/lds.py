@@ -50,7 +50,16 @@ reuses) everything, in steps that each skip what is already done:
    are kept under ``earlier_ground_truth``).
    A method whose scores are gone (an earlier run's) keeps its entry from the previous report.
 
+**Tuning** (issue 10, items 2-3): ``--steps tune`` scores every setting of the plan ``TUNING``
+(STRIDE, EK-FAC, TRAK and LoGra, the same number of settings each, the committed default
+first) that has no scores yet, round by round with the methods in turn; the report's
+``tuning`` then lists every setting with its development LDS, each method's choice (the best
+mean development LDS) and the choices' statistics on the test queries (against STRIDE's
+choice). ``--variant PEER:NAME=JSON`` adds a peer variant outside the plan (run as method
+``PEER:NAME``), as ``--variant NAME=JSON`` does for STRIDE.
+
     python benchmarks/lds.py                      # everything
+    python benchmarks/lds.py --steps tune,report  # the tuning plan, then the report
     python benchmarks/lds.py --steps retrain      # only some steps
     python benchmarks/lds.py --methods trak,tfidf # only some methods
     python benchmarks/lds.py --stats-only         # lds.json again from the committed files only
@@ -235,16 +244,170 @@ def step_twin_model() -> None:
 
 VARIANTS = WORK / "lds_variants.json"
 
+# Tuning (issue 10, items 2-3): the methods whose settings are chosen on the development
+# queries, each with the same number of settings tried, the first being the committed default.
+# A setting is (name, spec, round): STRIDE's spec {"fit": {...}, "recovery": {...}} overrides
+# FitConfig()/RecoveryConfig(); a peer's overrides its benchmark settings (PEER_SETTINGS on
+# baselines.default_settings). Round 1 was fixed before any variant was scored; round 2 was
+# added after reading round 1's development LDS (and nothing else). The setting with the best
+# mean development LDS is each method's choice; only the choices are reported on the test
+# queries (``tuning`` in lds.json). ``--steps tune`` runs what is missing, round by round and
+# method by method in turn, so that a stopped run leaves every method with as many settings.
+TUNING: dict[str, list[tuple[str, dict, int]]] = {
+    # round 2, from round 1's development LDS: K 2048 and T 2 did not help STRIDE, and exact
+    # responses through its design keep 97% of EK-FAC's LDS (benchmarks/lds_diagnosis.py), so
+    # the operators are what to train more; EK-FAC's best damping lies between 1e-8 and the
+    # heuristic; TRAK gained from a larger projection and from a second model; LoGra from
+    # every tenfold rise of its damping. Round 3, from rounds 1-2: STRIDE gained from 6 epochs
+    # (not from lr 3e-2), EK-FAC's heuristic stayed best (1e-4 and the empirical Fisher lost),
+    # TRAK gained most from more models (3 > 2 > 1), LoGra peaked near damping 0.1 (1 and 10
+    # lost).
+    "stride": [("default", {}, 1),
+               ("k2048", {"fit": {"subsets": 2048}}, 1),
+               ("t2", {"fit": {"fidelity_temperature": 2.0}}, 1),
+               ("e6", {"fit": {"epochs": 6.0}}, 2),
+               ("lr3e-2", {"fit": {"lr": 3e-2}}, 2),
+               ("e12", {"fit": {"epochs": 12.0}}, 3)],
+    "ekfac": [("default", {}, 1),                               # damping: kronfluence's heuristic
+              ("d1e-8", {"damping_factor": 1e-8}, 1),           # kronfluence's ScoreArguments() default
+              ("d1e-2", {"damping_factor": 1e-2}, 1),
+              ("d1e-4", {"damping_factor": 1e-4}, 2),
+              ("efisher", {"use_empirical_fisher": True}, 2),   # observed labels, heuristic damping
+              ("d1e-6", {"damping_factor": 1e-6}, 3)],
+    # batch_size only sets how many gradients dattri projects at once (its CPU projector
+    # regenerates the random matrix per batch): 256 is faster, the scores are the same
+    "trak": [("default", {}, 1),                                # proj_dim 512, one model
+             ("p2048", {"proj_dim": 2048, "batch_size": 256}, 1),
+             ("ens2", {"checkpoints": ["seed:1"], "batch_size": 256}, 1),
+             ("p2048ens2", {"proj_dim": 2048, "checkpoints": ["seed:1"], "batch_size": 256}, 2),
+             ("ens3", {"checkpoints": ["seed:1", "seed:2"], "batch_size": 256}, 2),
+             ("ens5", {"checkpoints": ["seed:1", "seed:2", "seed:3", "seed:4"], "batch_size": 256}, 3)],
+    "logra": [("default", {}, 1),                               # damping 1e-5 x mean eigenvalue
+              ("d1e-3", {"damping": 1e-3}, 1),
+              ("d1e-1", {"damping": 1e-1}, 1),
+              ("d1", {"damping": 1.0}, 2),
+              ("d10", {"damping": 10.0}, 2),
+              ("d3e-1", {"damping": 0.3}, 3)],
+}
+TUNED_METHODS = tuple(TUNING)
+
+
+def tuning_name(method: str, name: str) -> str:
+    """The method name a tuning setting is run and reported as ('default': the method itself)."""
+    return method if name == "default" else f"{method}:{name}"
+
+
+def _tuning_specs() -> dict[str, dict]:
+    return {tuning_name(m, n): spec for m, rows in TUNING.items() for n, spec, _ in rows}
+
+
+def tuning_order() -> list[str]:
+    """The tuning plan's methods to run: round by round, and within a round the methods in
+    turn (stride, ekfac, trak, logra, stride, ...). A default whose committed scores exist is
+    not run again (the report reads them)."""
+    rounds = sorted({r for rows in TUNING.values() for _, _, r in rows})
+    order = [tuning_name(m, rows[k][0]) for r in rounds for k in range(max(map(len, TUNING.values())))
+             for m, rows in TUNING.items() if k < len(rows) and rows[k][2] == r]
+    return [m for m in order if ":" in m or not (COMMITTED_SCORES / f"{m}.npz").exists()]
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``--variant`` text -> (method name, spec). 'NAME=JSON' or 'stride:NAME=JSON': a STRIDE
+    variant ({"fit": {...}, "recovery": {...}}); 'PEER:NAME=JSON' (PEER one of
+    baselines.METHODS): the peer with these settings on top of its benchmark settings. Raises
+    ValueError (one line) on anything else."""
+    from stride_viz.config import ConfigError, FitConfig, RecoveryConfig
+    from stride_viz.evaluation.baselines import default_settings
+
+    name, eq, body = text.partition("=")
+    base, colon, short = name.partition(":")
+    if not colon:
+        base, short = "stride", name
+    if not eq or not short or not all(c.isalnum() or c in "-_." for c in short):
+        raise ValueError(f"--variant must be NAME=JSON or METHOD:NAME=JSON (NAME of letters, digits, "
+                         f"'-', '_', '.'); got {text!r}.")
+    if base not in ALL_METHODS:
+        raise ValueError(f"--variant {name!r}: unknown method {base!r}; choose from {', '.join(ALL_METHODS)}.")
+    try:
+        spec = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--variant {name!r}: the settings are not JSON ({e}).")
+    if not isinstance(spec, dict):
+        raise ValueError(f"--variant {name!r}: the settings must be a JSON object; got {body!r}.")
+    if base == "stride":
+        bad = sorted(set(spec) - {"fit", "recovery"})
+        if bad:
+            raise ValueError(f"--variant {name!r}: STRIDE's settings are {{\"fit\": {{...}}, "
+                             f"\"recovery\": {{...}}}}; got key(s) {bad}.")
+        try:
+            FitConfig(**spec.get("fit", {})), RecoveryConfig(**spec.get("recovery", {}))
+        except (ConfigError, TypeError) as e:
+            raise ValueError(f"--variant {name!r}: {e}")
+    else:
+        known = default_settings(base)
+        bad = sorted(set(spec) - set(known))
+        if bad:
+            raise ValueError(f"--variant {name!r}: unknown setting(s) {bad} of {base}; known: "
+                             f"{', '.join(sorted(k for k in known if k != 'library_defaults'))}.")
+    return f"{base}:{short}", spec
+
+
+def _registered() -> dict:
+    """Variants registered with --variant (benchmarks/work/lds_variants.json): STRIDE's under
+    their NAME (as earlier sessions wrote them), peers' under 'PEER:NAME'."""
+    return json.loads(VARIANTS.read_text()) if VARIANTS.exists() else {}
+
+
+def _spec(method: str) -> dict:
+    """The spec of a variant method 'BASE:NAME': the tuning plan's, else a registered one."""
+    specs = _tuning_specs()
+    if method in specs:
+        return specs[method]
+    reg = _registered()
+    base, _, short = method.partition(":")
+    return reg[short] if base == "stride" and short in reg else reg[method]
+
 
 def _variant(method: str) -> tuple[dict, dict]:
     """FitConfig and RecoveryConfig overrides of 'stride' (defaults) or 'stride:<name>'
-    (an ablation registered with --variant)."""
-    if method == "stride":
+    (an ablation registered with --variant, or a setting of the tuning plan)."""
+    if method in ("stride", "stride:backprojection"):
         return {}, {}
-    if method == "stride:backprojection":
-        return {}, {}
-    spec = json.loads(VARIANTS.read_text())[method.split(":", 1)[1]]
+    spec = _spec(method)
     return spec.get("fit", {}), spec.get("recovery", {})
+
+
+def _ensemble_model(seed: int) -> Path:
+    """The recipe's model trained on the whole pool with another seed (a TRAK ensemble
+    member): WORK/lds_model_seed<seed>, trained once (about a minute)."""
+    from stride_viz.evaluation.retrain import open_inputs, train_recipe
+
+    path = MODEL_DIR.with_name(f"{MODEL_DIR.name}_seed{seed}")
+    if not (path / "config.json").exists():
+        meta, pool, _, tok = open_inputs(GT_DIR)
+        model = train_recipe({**meta["recipe"], "seed": seed}, tok, pool)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        _log(f"ensemble member (recipe seed {seed}) -> {path}")
+    return path
+
+
+def peer_settings(method: str, L: "Layout") -> tuple[str, dict]:
+    """(base method, settings over baselines.default_settings) of a peer or a peer variant
+    'PEER:NAME': PEER_SETTINGS, then LDS_PEER_SETTINGS, then the general command's
+    --settings, then the variant's spec. A TRAK checkpoint 'seed:S' is the recipe's model
+    trained with seed S (``_ensemble_model``)."""
+    base = method.split(":", 1)[0]
+    over = {**PEER_SETTINGS.get(base, {}),
+            **json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(base, {}),
+            **L.method_overrides().get(base, {})}
+    if method != base:
+        over.update(_spec(method))
+    if over.get("checkpoints"):
+        over["checkpoints"] = [_rel(_ensemble_model(int(c.split(":", 1)[1]))) if str(c).startswith("seed:")
+                               else c for c in over["checkpoints"]]
+    return base, over
 
 
 def _fit_query(q, tokenizer, max_tokens: int):
@@ -331,10 +494,8 @@ def run_one_method(method: str, L: Layout = DEMO) -> None:
 
         lm = load_model(str(L.model), device="cpu")
         # e.g. LDS_PEER_SETTINGS='{"if-arnoldi": {"precompute_data_ratio": 0.1}}'
-        over = {**PEER_SETTINGS.get(method, {}),
-                **json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(method, {}),
-                **L.method_overrides().get(method, {})}
-        res = run_method(method, lm.model, lm.tokenizer, pool, queries,
+        base, over = peer_settings(method, L)
+        res = run_method(base, lm.model, lm.tokenizer, pool, queries,
                          max_length=meta["recipe"]["max_length"], settings=over)
         out = {"scores": res.scores, **res.summary()}
         out["settings"] = {**out["settings"], "torch_seed": TORCH_SEED,
@@ -444,7 +605,9 @@ def step_report(committed_only: bool = False) -> dict:
                                         if r["status"] == "ok" and m in ALL_METHODS}}
         previous = {}
     methods, loaded = {}, {}
-    variants = sorted({p.stem for ext in ("npy", "failed") for p in SCORES.glob(f"stride:*.{ext}")}
+    # STRIDE's ablation variants and every method's tuning settings ('METHOD:NAME')
+    variants = sorted({p.stem for ext in ("npy", "failed") for p in SCORES.glob(f"*:*.{ext}")
+                       if p.stem.split(":", 1)[0] in ALL_METHODS}
                       if SCORES.exists() and not committed_only else [])
     for m in dict.fromkeys(list(ALL_METHODS) + variants + list(previous)):
         old, failed = previous.get(m), SCORES / f"{m}.failed"
@@ -527,6 +690,9 @@ def step_report(committed_only: bool = False) -> dict:
         "target": target_check(methods, dev),
         "ablation": ablation_table(methods, dev),
     }
+    report["tuning"] = tuning_report(methods, loaded, gt, dev, groups)
+    if report["tuning"].get("target"):
+        report["target"]["tuned"] = report["tuning"]["target"]
     report["noise_ceiling"] = noise_report(gt, loaded, dev, groups)
     report["twin"] = twin_report(gt, methods, dev, groups, ids, fact_rows, relevant, committed_only)
     report["setting"]["retrained_loss"] = retrained_loss(gt, dev, committed_only)
@@ -539,7 +705,11 @@ def step_report(committed_only: bool = False) -> dict:
     _plot(report, ~dev)
     _log(f"wrote {RESULTS / 'lds.json'}")
     for m, r in methods.items():
-        if r["status"] == "ok":
+        if r["status"] == "ok" and ":" in m:  # a variant: its development LDS (what it is chosen on)
+            _log(f"{m:11s} LDS dev {r['lds_mean_dev']:+.3f} (held-out {r['lds_mean_dev_heldout']:+.3f} / "
+                 f"facts {r['lds_mean_dev_facts']:+.3f})  fit {r['seconds_fit']:.1f}s  per query "
+                 f"{r['seconds_per_query']:.3f}s")
+        elif r["status"] == "ok":
             _log(f"{m:11s} LDS test {r['lds_mean_test']:+.3f} ± {r['lds_std_test']:.3f} "
                  f"(held-out {r['lds_mean_test_heldout']:+.3f} / facts {r['lds_mean_test_facts']:+.3f}), "
                  f"dev {r['lds_mean_dev']:+.3f}, all {r['lds_mean']:+.3f}  recall@10 {r['recall_at_10']:.2f}"
@@ -608,6 +778,84 @@ def ablation_table(methods: dict, dev: np.ndarray) -> list[dict]:
     return sorted(rows, key=lambda row: -row["lds_mean_dev"])
 
 
+def choose_settings(methods: dict, dev: np.ndarray) -> dict:
+    """Per tuned method (TUNING): every setting tried, with its development LDS (mean, std, by
+    query group, paired difference to the method's default on the development queries) and
+    its cost, and the choice: the best mean development LDS (ties: the earlier setting). Only
+    development numbers are read. methods: lds.json's entries; dev: bool (n_queries,)."""
+    dev = np.asarray(dev, dtype=bool)
+    out = {}
+    for base, rows in TUNING.items():
+        ref = methods.get(base) if (methods.get(base) or {}).get("status") == "ok" else None
+        entries = []
+        for name, spec, rnd in rows:
+            m = tuning_name(base, name)
+            r = methods.get(m)
+            e = {"name": name, "method": m, "round": rnd, "changes": spec,
+                 "status": r["status"] if r else "not run"}
+            if r and r["status"] == "ok":
+                e.update({k: r.get(k) for k in ("lds_mean_dev", "lds_std_dev", "lds_mean_dev_heldout",
+                                                "lds_mean_dev_facts", "seconds_fit", "seconds_per_query")})
+                if ref is not None and m != base:
+                    a, b = np.asarray(r["lds_per_query"])[dev], np.asarray(ref["lds_per_query"])[dev]
+                    e["minus_default_dev"] = paired_difference(a, b)
+            elif r:
+                e["error"] = r.get("error")
+            entries.append(e)
+        ok = [e for e in entries if e["status"] == "ok"]
+        best = max(ok, key=lambda e: e["lds_mean_dev"]) if ok else None  # max keeps the first of ties
+        out[base] = {"settings": entries, "n_settings": len(rows), "n_scored": len(ok),
+                     "chosen": best["method"] if best else None,
+                     "chosen_changes": best["changes"] if best else None,
+                     "seconds": round(sum((e.get("seconds_fit") or 0.0) + (e.get("seconds_per_query") or 0.0)
+                                          * int(len(dev)) for e in ok), 1)}
+    return out
+
+
+def tuning_report(methods: dict, loaded: dict, gt, dev: np.ndarray, groups: dict) -> dict:
+    """lds.json's ``tuning``: the settings of every tuned method and their development LDS
+    (``choose_settings``), then the chosen setting of each on the test queries with the
+    statistics of ``method_statistics`` against the chosen STRIDE, and the target on them."""
+    choice = choose_settings(methods, dev)
+    n_scored = {b: c["n_scored"] for b, c in choice.items()}
+    chosen = {b: c["chosen"] for b, c in choice.items() if c["chosen"] in loaded}
+    out = {"what": "every tuned method's settings, each scored on the development queries only; the best "
+                   "mean development LDS is the method's choice, and only the choices are reported on the "
+                   "test queries (statistics as in 'statistics', vs_stride: against STRIDE's choice)",
+           "rule": "choice = argmax over the method's settings of the mean LDS on the development queries",
+           "budget": {"settings_per_method": n_scored, "equal": len(set(n_scored.values())) == 1,
+                      "rounds": "round 1 fixed before any setting was scored; each later round chosen after "
+                                "reading the earlier rounds' development LDS only",
+                      "plan": "benchmarks/lds.py TUNING"},
+           "methods": choice}
+    if "stride" not in chosen:
+        return out
+    st_ = method_statistics({b: loaded[m] for b, m in chosen.items()}, gt, dev, groups)
+    test = {}
+    for b, m in chosen.items():
+        r = methods[m]
+        test[b] = {"status": "ok", "method": m, "changes": choice[b]["chosen_changes"],
+                   "lds_mean_test": r["lds_mean_test"], "lds_mean_test_heldout": r["lds_mean_test_heldout"],
+                   "lds_mean_test_facts": r["lds_mean_test_facts"], "recall_at_10_test": r.get("recall_at_10_test"),
+                   **st_[b]}
+    out["test"] = test
+    peers = [b for b in test if b != "stride"]
+    if peers:
+        best = max(peers, key=lambda b: test[b]["lds_mean_test"])
+        v = test[best]["vs_stride"]
+        out["target"] = {"queries": "test", "settings": "each method's choice on the development queries",
+                         "best_peer": best, "best_peer_method": test[best]["method"],
+                         "best_peer_lds": test[best]["lds_mean_test"], "stride_method": test["stride"]["method"],
+                         "stride_lds": test["stride"]["lds_mean_test"],
+                         "best_peer_minus_stride": {k: v[k] for k in ("mean_difference", "ci_queries",
+                                                                       "ci_subsets", "wilcoxon_p")},
+                         "groups": {g: {k: gv[k] for k in ("mean_difference", "ci_queries", "ci_subsets")}
+                                    for g, gv in v.get("groups", {}).items()},
+                         "target": "stride_lds >= best_peer_lds",
+                         "met": test["stride"]["lds_mean_test"] >= test[best]["lds_mean_test"]}
+    return out
+
+
 def _previous_report() -> dict:
     """The lds.json this run replaces (empty if there is none)."""
     try:
@@ -643,7 +891,16 @@ def _rel(path: Path) -> str:
 def _settings_of(m: str) -> dict:
     from stride_viz.evaluation.baselines import default_settings
 
-    return {} if m.startswith("stride") else default_settings(m)
+    if m.startswith("stride"):
+        return {}
+    base, _, short = m.partition(":")
+    settings = default_settings(base)
+    if short:
+        try:
+            settings.update(_spec(m))
+        except (KeyError, OSError, json.JSONDecodeError):
+            pass
+    return settings
 
 
 def _read_float(path: Path):
@@ -1084,7 +1341,8 @@ def main() -> None:
                    help='JSON {method: settings} differing from the committed defaults, e.g. '
                         '\'{"stride": {"fit": {"subsets": 64}}}\' (recorded in RESULT.json; tests only)')
     ap.add_argument("--steps", default="prepare,model,retrain,noise,methods,twin,report",
-                    help="the demo's steps (twin: every --methods on the random-weight twin)")
+                    help="the demo's steps (twin: every --methods on the random-weight twin; "
+                         "tune: every setting of the tuning plan TUNING not yet scored)")
     ap.add_argument("--methods", default=None,
                     help=f"comma-separated (demo default: all of {','.join(ALL_METHODS)}; "
                          f"--pool default: stride,ekfac,tfidf)")
@@ -1096,7 +1354,9 @@ def main() -> None:
                     help="seconds one method may run before it is recorded as failed (default 3600)")
     ap.add_argument("--variant", action="append", default=[],
                     help='an ablation of STRIDE: NAME=JSON, e.g. k256=\'{"fit": {"subsets": 256}}\' '
-                         'or cv1se=\'{"recovery": {"selection": "cv-1se"}}\'; run as method stride:NAME')
+                         'or cv1se=\'{"recovery": {"selection": "cv-1se"}}\'; run as method stride:NAME; '
+                         'or of a peer: PEER:NAME=JSON of its settings, e.g. '
+                         'ekfac:d1e-3=\'{"damping_factor": 1e-3}\'; run as method PEER:NAME')
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--twin", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -1109,27 +1369,36 @@ def main() -> None:
         return
     if a.queries or a.work or a.out:
         ap.error("--queries, --work and --out belong to the general command: give --pool too")
+    given = a.methods is not None
     a.methods = a.methods or ",".join(ALL_METHODS)
     if a.stats_only:
         step_report(committed_only=True)
         return
     steps = a.steps.split(",")
-    registered = json.loads(VARIANTS.read_text()) if VARIANTS.exists() else {}
+    registered = _registered()
     for v in a.variant:
-        name, _, spec = v.partition("=")
-        spec = json.loads(spec)
-        from stride_viz.config import FitConfig, RecoveryConfig
-
-        FitConfig(**spec.get("fit", {})), RecoveryConfig(**spec.get("recovery", {}))  # validate
-        registered[name] = spec
+        try:
+            name, spec = parse_variant(v)
+        except ValueError as e:
+            ap.error(str(e))
+        if name in _tuning_specs():
+            ap.error(f"--variant {name!r} is a setting of the tuning plan (TUNING); give another name.")
+        # STRIDE's under their bare NAME (the file earlier sessions wrote), peers' under PEER:NAME
+        registered[name.split(":", 1)[1] if name.startswith("stride:") else name] = spec
         WORK.mkdir(parents=True, exist_ok=True)
         VARIANTS.write_text(json.dumps(registered, indent=1))
     methods = [m for m in a.methods.split(",") if m]
-    unknown = [m for m in methods if m not in ALL_METHODS
+    if "tune" in steps:  # the tuning plan, round by round, the methods in turn
+        methods = (methods if given else []) + tuning_order()
+        methods = list(dict.fromkeys(methods))
+    known = set(_tuning_specs())
+    unknown = [m for m in methods if m not in ALL_METHODS and m not in known
                and m != "stride:backprojection"
-               and not (m.startswith("stride:") and m.split(":", 1)[1] in registered)]
+               and not (m.startswith("stride:") and m.split(":", 1)[1] in registered)
+               and m not in registered]
     if unknown:
-        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}, a setting of "
+                 f"the tuning plan or a --variant")
     if "prepare" in steps:
         step_prepare()
     if "model" in steps:
@@ -1138,7 +1407,7 @@ def main() -> None:
         step_retrain()
     if "noise" in steps:
         step_noise()
-    if "methods" in steps:
+    if "methods" in steps or "tune" in steps:
         step_methods(methods, a.force, a.timeout)
     if "twin" in steps:
         step_twin_model()

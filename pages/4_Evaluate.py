@@ -131,12 +131,14 @@ if len(gt.train_subsets) < meta.get("n_subsets", 0):
 report = _report_for(str(gt_dir), _stamp(gt_dir.parent / "lds.json"))
 methods: dict[str, np.ndarray] = {}      # name -> scores (n_queries, n_pool)
 table: dict[str, dict] = {}
-variants = [m for m in (report or {}).get("methods", {}) if m.startswith("stride:")]
+# STRIDE's ablation variants and the methods' tuning settings: 'METHOD:NAME'
+variants = [m for m in (report or {}).get("methods", {}) if ":" in m]
 with st.sidebar:
-    show_variants = st.toggle(f"Show STRIDE ablation variants ({len(variants)})", value=False,
+    show_variants = st.toggle(f"Show ablation and tuning variants ({len(variants)})", value=False,
                               key="eval_variants", disabled=not variants,
-                              help="Other STRIDE settings measured on this ground truth (the "
-                                   "report's 'ablation' lists how each differs from the defaults).")
+                              help="Other settings of STRIDE and of the peers measured on this ground "
+                                   "truth (the report's 'ablation' and 'tuning' list how each differs "
+                                   "from the defaults).")
 if report:
     for m, r in report["methods"].items():
         if m in variants and not show_variants:
@@ -265,7 +267,7 @@ if show_variants and report and report.get("ablation"):
                                 "per query (s)": st.column_config.NumberColumn(format="%.4f")})
 
 stat_rows = {m: r for m, r in (report or {}).get("methods", {}).items()
-             if r.get("status") == "ok" and r.get("test") and not m.startswith("stride:")}
+             if r.get("status") == "ok" and r.get("test") and ":" not in m}
 if stat_rows:
     sdoc = report.get("statistics", {})
     st.subheader("How sure are the differences? (test queries)")
@@ -292,6 +294,40 @@ if stat_rows:
     fmt.update({c: st.column_config.NumberColumn(format="%.2g") for c in sframe.columns
                 if c.startswith("Wilcoxon p")})
     st.dataframe(sframe, hide_index=True, width="stretch", key="eval_stats", column_config=fmt)
+
+tuning = (report or {}).get("tuning") or {}
+if tuning.get("methods"):
+    st.subheader("Tuned on the development queries, reported on the test queries")
+    budget = tuning.get("budget", {})
+    per = budget.get("settings_per_method", {})
+    st.markdown(
+        f"Each tuned method tried {' / '.join(f'{n} ({ui.md(m)})' for m, n in per.items())} settings, the "
+        f"first being its committed default; each was scored on the {int(dev.sum())} development queries "
+        "only, and the best mean development LDS is the method's choice (✓). **vs default (dev)**: mean "
+        "over the development queries of the setting's LDS minus the default's (± standard error).")
+    st.dataframe(eval_plots.tuning_frame(tuning["methods"]), hide_index=True, width="stretch",
+                 key="eval_tuning",
+                 column_config={**{c: st.column_config.NumberColumn(format="%+.3f")
+                                   for c in ("LDS (dev)", "held-out text (dev)", "planted facts (dev)",
+                                             "vs default (dev)")},
+                                "± stderr": st.column_config.NumberColumn(format="%.3f"),
+                                "chosen": st.column_config.CheckboxColumn(help="the method's choice: best mean development LDS"),
+                                "one-off (s)": st.column_config.NumberColumn(format="%.1f"),
+                                "per query (s)": st.column_config.NumberColumn(format="%.4f")})
+    if tuning.get("test"):
+        tgt = tuning.get("target") or {}
+        st.markdown(
+            "The choices on the **test queries** (columns as in the table above; **minus STRIDE**: against "
+            "STRIDE's choice)"
+            + (f": the best tuned peer, {ui.md(tgt['best_peer'])}, scores {tgt['best_peer_lds']:+.3f} against "
+               f"STRIDE's {tgt['stride_lds']:+.3f} (target: STRIDE at least the best tuned peer, "
+               f"{'met' if tgt.get('met') else 'not met'})." if tgt else "."))
+        tframe = eval_plots.stats_frame(tuning["test"])
+        tfmt = {c: st.column_config.NumberColumn(format="%+.3f") for c in tframe.columns
+                if c.startswith("LDS") or c.startswith("minus STRIDE")}
+        tfmt.update({c: st.column_config.NumberColumn(format="%.2g") for c in tframe.columns
+                     if c.startswith("Wilcoxon p")})
+        st.dataframe(tframe, hide_index=True, width="stretch", key="eval_tuned_stats", column_config=tfmt)
 
 twin = (report or {}).get("twin")
 ceiling = (report or {}).get("noise_ceiling")

@@ -102,3 +102,51 @@ def test_bad_input_is_refused(setup):
         B.run_method("trak", model, tok, pool, queries, settings={"proj": 3})
     with pytest.raises(ValueError, match="no completion"):
         B.run_method("tfidf", model, tok, pool, [Query(id="x", prompt="apple")])
+
+
+def test_trak_checkpoint_ensemble_averages_more_models(setup, tmp_path):
+    """A TRAK ensemble (``checkpoints``: folders of more models of the same shape) still ranks
+    each example first for its own text, and its scores are not the single model's."""
+    model, tok, pool, queries = setup
+    other = B._trainable_copy(model)
+    with torch.no_grad():  # another model of the same shape: the same weights, perturbed
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    one = B.run_method("trak", model, tok, pool, queries, max_length=16, settings=SMALL["trak"])
+    two = B.run_method("trak", model, tok, pool, queries, max_length=16,
+                       settings={**SMALL["trak"], "checkpoints": [str(tmp_path / "other")]})
+    assert two.settings["checkpoints"] == [str(tmp_path / "other")]
+    assert two.scores.shape == one.scores.shape and np.isfinite(two.scores).all()
+    assert not np.allclose(two.scores, one.scores)
+    for q in range(4):
+        assert two.scores[q, q] > 0 and (two.scores[q] > two.scores[q, q]).sum() < 3
+
+
+def test_ekfac_empirical_fisher_is_a_setting(setup):
+    """EK-FAC with the empirical Fisher (observed labels, nothing sampled) gives the same scores
+    twice and differs from the true Fisher's (sampled labels, the same under the same torch seed);
+    both rank the example's own text first."""
+    model, tok, pool, queries = setup
+    runs = []
+    for emp in (True, True, False, False):
+        torch.manual_seed(0)  # as benchmarks/lds.py seeds every method: the sampled labels repeat
+        runs.append(B.run_method("ekfac", model, tok, pool, queries, max_length=16,
+                                 settings={"use_empirical_fisher": emp, "damping_factor": None}))
+    assert runs[0].settings["use_empirical_fisher"] is True
+    np.testing.assert_allclose(runs[0].scores, runs[1].scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(runs[2].scores, runs[3].scores, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(runs[0].scores, runs[2].scores)
+    for r in runs:
+        for q in range(4):
+            assert r.scores[q, q] > 0 and (r.scores[q] > r.scores[q, q]).sum() < 3
+
+
+def test_trak_batch_size_does_not_change_the_scores(setup):
+    """TRAK's batch_size only sets how many gradients dattri projects at once (the benchmark
+    raises it for speed): the projection, hence the scores, stay the same."""
+    model, tok, pool, queries = setup
+    a = B.run_method("trak", model, tok, pool, queries, max_length=16, settings={**SMALL["trak"], "batch_size": 4})
+    b = B.run_method("trak", model, tok, pool, queries, max_length=16, settings={**SMALL["trak"], "batch_size": 24})
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-5 * np.abs(a.scores).max())

@@ -140,6 +140,21 @@ def test_figures_are_built_from_arrays():
          "not_recorded": ["vocabulary"]}])
     assert list(abl["variant"]) == ["stride:k2", "stride"] and abl["changes"].iloc[0] == "subsets 2048"
     assert abl["vs defaults (dev)"].iloc[0] == 0.1 and "not recorded: vocabulary" in abl["note"].iloc[0]
+    tuned = eval_plots.tuning_frame({
+        "stride": {"chosen": "stride:k2", "settings": [
+            {"name": "default", "method": "stride", "round": 1, "changes": {}, "lds_mean_dev": 0.4, "status": "ok"},
+            {"name": "k2", "method": "stride:k2", "round": 2, "status": "ok", "lds_mean_dev": 0.5,
+             "changes": {"fit": {"subsets": 2048}, "recovery": {"eps": 1e-4}},
+             "minus_default_dev": {"mean": 0.1, "stderr": 0.01}}]},
+        "ekfac": {"chosen": "ekfac", "settings": [
+            {"name": "default", "method": "ekfac", "round": 1, "changes": {}, "lds_mean_dev": 0.6, "status": "ok"},
+            {"name": "d", "method": "ekfac:d", "round": 1, "changes": {"damping_factor": 1e-8},
+             "status": "failed"}]}})
+    assert list(tuned["setting"]) == ["default", "k2", "default", "d"]   # in the order tried
+    assert list(tuned["chosen"]) == [False, True, True, False]
+    assert list(tuned["changes"]) == ["(the committed default)", "subsets 2048, recovery.eps 0.0001",
+                                      "(the committed default)", "damping_factor 1e-08"]
+    assert tuned["vs default (dev)"].iloc[1] == 0.1 and list(tuned["status"]) == ["", "", "", "failed"]
     rows = [{"method": "x", "n_params": p, "seconds_fit": p / 1e3, "seconds_per_query": 0.1}
             for p in (1e5, 1e6)]
     assert len(eval_plots.scaling_figure(rows).data) == 2
@@ -253,8 +268,10 @@ def test_evaluate_page_on_a_fresh_clone_shows_the_committed_methods(tmp_path, mo
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
     at = open_page("pages/4_Evaluate.py", root=clone)
     assert at.radio(key="eval_split").value == "test"
-    committed = {m for m, r in report["methods"].items() if r["status"] == "ok" and r.get("scores_file")}
+    committed = {m for m, r in report["methods"].items() if r["status"] == "ok" and r.get("scores_file")
+                 and ":" not in m}  # variants ('METHOD:NAME') only with the toggle, below
     table = at.dataframe[0].value.set_index("method")
+    assert not any(":" in m for m in table.index)
     assert committed <= set(table.index)
     for m in committed:  # recomputed on the page from the committed files, test queries
         assert table.loc[m, "LDS mean"] == pytest.approx(report["methods"][m]["lds_mean_test"], abs=1e-6)
@@ -279,12 +296,29 @@ def test_evaluate_page_on_a_fresh_clone_shows_the_committed_methods(tmp_path, mo
             if r["status"] == "ok":
                 assert shown_twin.loc[name, "LDS twin (test)"] == pytest.approx(r["lds_mean_test"], abs=1e-12)
         assert any("Noise ceiling" in el.value for el in at.markdown) == bool(report.get("noise_ceiling"))
-    variants = [m for m in report["methods"] if m.startswith("stride:")]
+    if report.get("tuning"):  # every setting tried, development queries; the choices on test
+        shown = [d.value for d in at.dataframe if "setting" in d.value.columns and "chosen" in d.value.columns]
+        assert len(shown) == 1
+        tuned = shown[0]
+        for base, t in report["tuning"]["methods"].items():
+            rows = tuned[tuned["method"] == base]
+            assert list(rows["setting"]) == [e["name"] for e in t["settings"]]
+            for (_, row), e in zip(rows.iterrows(), t["settings"]):
+                if e["status"] == "ok":
+                    assert row["LDS (dev)"] == pytest.approx(e["lds_mean_dev"])
+            assert rows["chosen"].sum() == 1
+            assert rows[rows["chosen"]]["setting"].item() == (t["chosen"].partition(":")[2] or "default")
+        if report["tuning"].get("test"):
+            tstats = [d.value for d in at.dataframe if "Wilcoxon p" in d.value.columns][1].set_index("method")
+            for base, r in report["tuning"]["test"].items():
+                assert tstats.loc[base, "LDS (test)"] == pytest.approx(r["test"]["mean"])
+    variants = [m for m in report["methods"] if ":" in m]
     if not variants:  # nothing to show: the toggle says so by being disabled
         assert at.toggle(key="eval_variants").disabled
         return
     at.toggle(key="eval_variants").set_value(True).run()  # the ablation, on the development queries
     assert not at.exception
+    assert set(variants) <= set(at.dataframe[0].value["method"])
     ablation = at.dataframe[1].value  # after the methods table
     assert len(ablation) == len(report["ablation"]) and "LDS (dev)" in ablation.columns
 

@@ -163,3 +163,76 @@ def test_without_queries_documents_are_held_out_of_the_pool():
     assert [x.id for x in lds._held_out_queries(pool, 60, seed=1)[1]] == [x.id for x in queries]
     with pytest.raises(SystemExit, match="--queries"):
         lds._held_out_queries(pool, 71, seed=1)
+
+
+# ------------------------------------------------------------------ tuning (issue 10, items 2-3)
+
+def test_variants_of_stride_and_of_peers_are_parsed_and_checked():
+    lds = _lds_module()
+    assert lds.parse_variant('k256={"fit": {"subsets": 256}}') == ("stride:k256", {"fit": {"subsets": 256}})
+    assert lds.parse_variant('stride:cv1se={"recovery": {"selection": "cv-1se"}}')[0] == "stride:cv1se"
+    assert lds.parse_variant('ekfac:d1e-3={"damping_factor": 0.001}') == ("ekfac:d1e-3", {"damping_factor": 0.001})
+    for bad, says in [("ekfac:x", "NAME=JSON"), ('nope:x={}', "unknown method 'nope'"),
+                      ('ekfac:x={"damping": 1}', "unknown setting(s) ['damping'] of ekfac"),
+                      ('trak:x=[1]', "JSON object"), ('logra:x={oops}', "not JSON"),
+                      ('k={"fit": {"rank": 0}}', "'rank'"), ('k={"rank": 8}', "STRIDE's settings"),
+                      ('ekfac:a b={}', "NAME of letters")]:
+        with pytest.raises(ValueError, match=__import__("re").escape(says)):
+            lds.parse_variant(bad)
+
+
+def test_a_peer_variant_adds_its_settings_to_the_benchmark_settings(monkeypatch, tmp_path):
+    lds = _lds_module()
+    monkeypatch.delenv("LDS_PEER_SETTINGS", raising=False)
+    assert lds.peer_settings("ekfac", lds.DEMO) == ("ekfac", {"damping_factor": None})
+    assert lds.peer_settings("ekfac:d1e-8", lds.DEMO) == ("ekfac", {"damping_factor": 1e-8})
+    monkeypatch.setattr(lds, "VARIANTS", tmp_path / "variants.json")
+    (tmp_path / "variants.json").write_text(json.dumps({"logra:p1024": {"proj_dim": 1024}}))
+    assert lds.peer_settings("logra:p1024", lds.DEMO) == ("logra", {"proj_dim": 1024})
+
+
+def test_the_tuning_plan_gives_every_method_as_many_settings_in_turn():
+    lds = _lds_module()
+    sizes = {m: len(rows) for m, rows in lds.TUNING.items()}
+    assert set(sizes) == {"stride", "ekfac", "trak", "logra"} and len(set(sizes.values())) == 1
+    for m, rows in lds.TUNING.items():
+        assert rows[0][:2] == ("default", {})  # the committed default is the first setting
+        for name, spec, _ in rows[1:]:
+            lds.parse_variant(f"{m}:{name}={json.dumps(spec)}")  # every setting is valid
+    order = lds.tuning_order()
+    assert len(order) == len(set(order))
+    # round-robin: a run stopped anywhere leaves no method two settings behind another
+    for cut in range(len(order) + 1):
+        done = [m.split(":", 1)[0] for m in order[:cut]]
+        counts = [done.count(m) for m in lds.TUNING]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_settings_are_chosen_on_the_development_queries_only(monkeypatch):
+    lds = _lds_module()
+    monkeypatch.setattr(lds, "TUNING", {"stride": [("default", {}, 1), ("a", {"fit": {"rank": 4}}, 1),
+                                                   ("b", {"fit": {"rank": 16}}, 2)],
+                                        "ekfac": [("default", {}, 1), ("x", {"damping_factor": 1.0}, 1),
+                                                  ("y", {"damping_factor": 0.1}, 1)]})
+    dev = np.array([True, True, False, False])
+
+    def entry(per):
+        per = np.asarray(per, dtype=float)
+        return {"status": "ok", "lds_per_query": per.tolist(), "lds_mean_dev": per[dev].mean(),
+                "lds_std_dev": per[dev].std(), "lds_mean_dev_heldout": per[dev].mean(),
+                "lds_mean_dev_facts": None, "seconds_fit": 1.0, "seconds_per_query": 0.5}
+
+    methods = {"stride": entry([0.1, 0.1, 0.9, 0.9]),    # best on test, not on dev
+               "stride:a": entry([0.4, 0.2, 0.0, 0.0]),  # best on dev
+               "stride:b": entry([0.3, 0.3, 0.5, 0.5]),  # tied with a on dev: the earlier wins
+               "ekfac": entry([0.5, 0.5, 0.5, 0.5]),
+               "ekfac:x": {"status": "failed", "error": "boom"}}
+    got = lds.choose_settings(methods, dev)
+    assert got["stride"]["chosen"] == "stride:a" and got["stride"]["chosen_changes"] == {"fit": {"rank": 4}}
+    assert got["ekfac"]["chosen"] == "ekfac"
+    assert [e["status"] for e in got["ekfac"]["settings"]] == ["ok", "failed", "not run"]
+    assert got["ekfac"]["n_scored"] == 1 and got["stride"]["n_scored"] == 3
+    a = got["stride"]["settings"][1]
+    assert a["minus_default_dev"]["mean"] == pytest.approx(0.2)
+    assert "minus_default_dev" not in got["stride"]["settings"][0]
+    assert got["stride"]["seconds"] == pytest.approx(3 * (1.0 + 0.5 * 4))

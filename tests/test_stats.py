@@ -204,7 +204,8 @@ def test_evaluate_page_shows_the_committed_statistics(tmp_path, monkeypatch):
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
     at = open_page("pages/4_Evaluate.py", root=clone)
     frames = [f.value for f in at.dataframe if "Wilcoxon p" in f.value.columns]
-    assert len(frames) == 1
+    # the committed defaults' statistics, then (if the report has them) the tuned choices'
+    assert len(frames) == 1 + bool((report.get("tuning") or {}).get("test"))
     table = frames[0].set_index("method")
     for m, r in report["methods"].items():
         if r["status"] != "ok" or "test" not in r or m.startswith("stride:"):
@@ -325,3 +326,47 @@ def test_twin_frame_lists_trained_twin_and_ceiling_share():
     assert df.loc[0, "twin / trained"] == 0.2 and df.loc[0, "twin 95% CI, queries"] == "[+0.050, +0.150]"
     assert df.loc[0, "share of the noise ceiling"] == 0.6 and np.isnan(df.loc[1, "share of the noise ceiling"])
     assert df.loc[0, "twin, planted facts"] == 0.2 and np.isnan(df.loc[1, "twin, planted facts"])
+
+
+def test_committed_tuning_is_chosen_on_development_and_recomputes_on_test():
+    """lds.json's ``tuning`` (issue 10, items 2-3) from the committed files alone: every
+    setting's development LDS, the choice (the best of them on the development queries), and
+    the chosen settings' test statistics against STRIDE's choice."""
+    report = _report()
+    tuning, doc = report["tuning"], report["statistics"]
+    gt = ev.read_ground_truth(ROOT / report["ground_truth"])
+    ids = [q["id"] for q in gt.metadata["queries"]]
+    dev = stats.development_mask(gt.metadata)
+    test = ~dev
+    assert tuning["budget"]["equal"] and {"stride", "ekfac", "trak", "logra"} <= set(tuning["methods"])
+    assert len(set(tuning["budget"]["settings_per_method"].values())) == 1
+    member = gt.membership().T.astype(float)
+    target = -gt.test_loss.T[test]
+    pred = {}
+    for base, t in tuning["methods"].items():
+        dev_lds = {}
+        for e in t["settings"]:
+            assert e["status"] == "ok", (base, e["name"])
+            r = report["methods"][e["method"]]
+            s = ev.load_scores(ROOT / r["scores_file"], len(ids), ids)
+            per = ev.lds(s, gt.train_subsets, gt.test_loss).per_query
+            assert per[dev].mean() == pytest.approx(e["lds_mean_dev"], abs=1e-9), e["method"]
+            dev_lds[e["method"]] = per[dev].mean()
+            if e["method"] == t["chosen"]:
+                pred[base] = s.astype(float)[test] @ member
+        assert t["chosen"] == max(dev_lds, key=dev_lds.get)
+    group = np.array(report["setting"]["query_group"])[test]
+    groups = {g: group == g for g in ("heldout", "facts")}
+    for base, r in tuning["test"].items():
+        rho = stats.spearman_rows(pred[base], target)
+        s = stats.mean_summary(rho, pred[base], target, doc["n_boot"], doc["seed"])
+        assert s["mean"] == pytest.approx(r["lds_mean_test"], abs=1e-9)
+        for key in ("mean", "ci_queries", "ci_subsets"):
+            assert s[key] == pytest.approx(r["test"][key], abs=1e-9), (base, key)
+        if base != "stride":
+            v = stats.paired_comparison(pred[base], pred["stride"], target, groups, doc["n_boot"], doc["seed"])
+            for key in ("mean_difference", "ci_queries", "ci_subsets", "wilcoxon_p"):
+                assert v[key] == pytest.approx(r["vs_stride"][key], abs=1e-9), (base, key)
+    tgt = tuning["target"]
+    best = max((b for b in tuning["test"] if b != "stride"), key=lambda b: tuning["test"][b]["lds_mean_test"])
+    assert tgt["best_peer"] == best and tgt["met"] == (tgt["stride_lds"] >= tgt["best_peer_lds"])

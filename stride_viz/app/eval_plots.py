@@ -106,6 +106,38 @@ def ablation_frame(rows: Sequence[dict]) -> pd.DataFrame:
     return df
 
 
+def _changes(spec: Mapping) -> str:
+    """A tuning setting's changes ({"fit": {...}} for STRIDE, flat for a peer) as plain text."""
+    flat = {}
+    for k, v in spec.items():
+        if isinstance(v, Mapping):
+            flat.update({(kk if k == "fit" else f"{k}.{kk}"): vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return ", ".join(f"{k} {v}" for k, v in flat.items())
+
+
+def tuning_frame(tuning: Mapping[str, dict]) -> pd.DataFrame:
+    """The tuning table of an lds.json report (its "tuning"["methods"]), development queries
+    only: one row per method and setting in the order tried, with what it changes, its LDS,
+    its paired difference to the method's default (mean and standard error over queries) and
+    whether it is the method's choice."""
+    out = []
+    for method, t in tuning.items():
+        for e in t.get("settings", []):
+            diff = e.get("minus_default_dev") or {}
+            out.append({"method": method, "setting": e["name"], "round": e.get("round"),
+                        "changes": _changes(e.get("changes") or {}) or "(the committed default)",
+                        "LDS (dev)": e.get("lds_mean_dev"),
+                        "held-out text (dev)": e.get("lds_mean_dev_heldout"),
+                        "planted facts (dev)": e.get("lds_mean_dev_facts"),
+                        "vs default (dev)": diff.get("mean"), "± stderr": diff.get("stderr"),
+                        "chosen": e["method"] == t.get("chosen"),
+                        "one-off (s)": e.get("seconds_fit"), "per query (s)": e.get("seconds_per_query"),
+                        "status": e.get("status", "ok") if e.get("status") != "ok" else ""})
+    return pd.DataFrame(out)
+
+
 def _interval(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
 

@@ -243,6 +243,12 @@ def _trak(model, tokenizer, pool, queries, s: dict, train, test):
     from dattri.algorithm import TRAKAttributor
 
     task, m = _dattri_task(model)
+    if s["checkpoints"]:  # an ensemble: more independently trained models of the same shape
+        from stride_viz.data.models import load_model
+
+        task.checkpoints = task.checkpoints + [
+            _trainable_copy(load_model(str(path), device="cpu").model).state_dict()
+            for path in s["checkpoints"]]
     loss = _dattri_loss(m)
 
     def correct_probability(params, data):  # TRAK's p: probability of the completion
@@ -376,7 +382,8 @@ def _ekfac(model, tokenizer, pool, queries, s: dict, train, test):
         t0 = time.perf_counter()
         analyzer.fit_all_factors(factors_name="ekfac", dataset=tr,
                                  per_device_batch_size=s["batch_size"],
-                                 factor_args=FactorArguments(strategy="ekfac"),
+                                 factor_args=FactorArguments(strategy=s["strategy"],
+                                                             use_empirical_fisher=s["use_empirical_fisher"]),
                                  overwrite_output_dir=True)
         fit = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -397,10 +404,12 @@ _DEFAULTS: dict[str, dict] = {
     "tfidf": {"vectorizer": "sklearn TfidfVectorizer(sublinear_tf=True)", "similarity": "cosine"},
     "repsim": {"batch_size": 64, "representation": "mean over tokens of the last hidden state",
                "similarity": "cosine"},
-    "trak": {"proj_dim": 512, "regularization": 0.0, "batch_size": 32, "seed": 0,
+    "trak": {"proj_dim": 512, "regularization": 0.0, "batch_size": 32, "seed": 0, "checkpoints": [],
              "library_defaults": "dattri TRAKAttributor: proj_dim 512, regularization 0.0, one "
                                  "checkpoint; target = loss gradient (task default), "
-                                 "p = exp(-completion loss)"},
+                                 "p = exp(-completion loss); checkpoints: folders of more models "
+                                 "of the same shape (trained with other seeds) for an ensemble, "
+                                 "averaged by dattri (none: the model alone)"},
     "tracin": {"lr": 1.0, "normalized_grad": False, "proj_dim": 512, "batch_size": 32, "seed": 0,
                "library_defaults": "dattri TracInAttributor: projection dim 512; weight_list "
                                    "and normalized_grad have no default. Only the final "
@@ -416,9 +425,10 @@ _DEFAULTS: dict[str, dict] = {
                    "precompute_data_ratio": 1.0, "batch_size": 64, "seed": 0,
                    "library_defaults": "dattri IFAttributorArnoldi: proj_dim 100, max_iter 100, "
                                        "regularization 0.0, precompute_data_ratio 1.0"},
-    "ekfac": {"strategy": "ekfac", "damping_factor": 1e-8, "batch_size": 32,
+    "ekfac": {"strategy": "ekfac", "damping_factor": 1e-8, "use_empirical_fisher": False, "batch_size": 32,
               "library_defaults": "kronfluence FactorArguments() (strategy ekfac, true Fisher "
-                                  "with sampled labels, covariance/lambda max examples 100000) "
+                                  "with sampled labels unless use_empirical_fisher, "
+                                  "covariance/lambda max examples 100000) "
                                   "and ScoreArguments() (damping_factor 1e-8); all nn.Linear "
                                   "modules (GPT-2 Conv1D converted)"},
 }
