@@ -38,8 +38,10 @@ DESIGNS = {
     "logits-full-vocab": {"mode": "logits", "vocabulary": "full"},
     "factored": {"mode": "factored"},
     "factored-r2-256": {"mode": "factored", "inner_rank": 256},
-    "residual": {"mode": "residual"},
-    "residual-warmup": {"mode": "residual", "warmup": 0.1, "lr": 3e-2},
+    "residual": {"mode": "residual", "residual_design": "linear"},   # the first residual design
+    "residual-warmup": {"mode": "residual", "residual_design": "linear", "warmup": 0.1, "lr": 3e-2},
+    "residual-memory": {"mode": "residual"},                               # the default since
+    "residual-memory-layer2": {"mode": "residual", "layer": 2},
 }
 
 
