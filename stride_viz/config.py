@@ -86,8 +86,8 @@ class FitConfig:
                                         "memory_slots keys B[k] and values A[k] (slots x D each); 'linear': "
                                         "rms(h) B(h / rms(h)) A[k] through one shared basis B of width rank "
                                         "(the first design, runs made before this setting). On the demo "
-                                        "model's planted facts, r 64 after the last block: recall@10 0.65 "
-                                        "(memory) against 0.54 (linear); logits mode 0.98.")
+                                        "model's planted facts, after the last block: recall@10 0.65 "
+                                        "(memory, 64 slots) against 0.54 (linear, rank 64); logits mode 0.98.")
     memory_slots: int = _f(64, "Residual mode, design 'memory': key-value slots per operator (2 x slots x D "
                                "numbers each).")
     inner_rank: int = _f(64, "r2: width of the shared output basis U (r2 x |C|) in factored mode.")

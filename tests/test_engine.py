@@ -169,6 +169,34 @@ def test_memory_design_gives_every_operator_its_own_keys(tmp_path, tiny_model, t
     assert "residual_design" not in FitConfig(mode="residual", residual_design="linear").fingerprint()
 
 
+@pytest.mark.parametrize("design", ["memory", "linear"])
+def test_residual_steered_loss_of_training_equals_the_measurement(tiny_model, tiny_pool, design):
+    # the loss the operators are trained on is the one the responses report (same positions,
+    # same shift), up to the 16-bit cache of the hidden states
+    from stride_viz.data.tokenize import encode
+    from stride_viz.method.cache import build_cache, tokenize_pool
+    from stride_viz.method.measurement import measure
+    from stride_viz.method.training import Trainer
+
+    cfg = FitConfig(**{**TINY_FIT, "mode": "residual", "residual_design": design, "epochs": 1})
+    lm = FrozenLM(tiny_model.model, 1)
+    pool = tiny_pool.subset(range(6))
+    tokens = tokenize_pool(tiny_model.tokenizer, pool.prompts, pool.completions, cfg.max_length)
+    cache = build_cache(lm, tokens, cfg.mode)
+    trainer = Trainer(lm, cache, design_subsets(len(tiny_pool), cfg.subsets, cfg.per_example, 0)[:, :6], cfg)
+    with torch.no_grad():
+        for p in trainer.operators.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(7))
+        ops = torch.tensor([[0, 5, 11]] * 6)
+        nll, _, base = trainer._pair_losses(np.arange(6), ops)
+    enc = encode(tiny_model.tokenizer, pool.prompts, pool.completions, cfg.max_length)
+    res = measure(lm, trainer.operators, "residual", enc)
+    measured = torch.tensor([[r.loss_base - r.responses[k] for k in (0, 5, 11)] for r in res])
+    assert (nll - base.unsqueeze(1)).abs().max() > 0.01          # the operators do shift
+    torch.testing.assert_close(nll, measured, atol=2e-3, rtol=0)
+    torch.testing.assert_close(base, torch.tensor([r.loss_base for r in res]), atol=2e-3, rtol=0)
+
+
 def test_reopening_with_other_settings_is_refused_with_the_differences(tmp_path, tiny_model, tiny_pool):
     _fit(tmp_path, tiny_model, tiny_pool, "r", epochs=1)
     with pytest.raises(RunMismatch, match=r"rank: 4 -> 6.*new --run directory"):
