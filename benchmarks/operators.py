@@ -38,8 +38,10 @@ DESIGNS = {
     "logits-full-vocab": {"mode": "logits", "vocabulary": "full"},
     "factored": {"mode": "factored"},
     "factored-r2-256": {"mode": "factored", "inner_rank": 256},
-    "residual": {"mode": "residual"},
-    "residual-warmup": {"mode": "residual", "warmup": 0.1, "lr": 3e-2},
+    "residual": {"mode": "residual", "residual_design": "linear"},   # the first residual design
+    "residual-warmup": {"mode": "residual", "residual_design": "linear", "warmup": 0.1, "lr": 3e-2},
+    "residual-memory": {"mode": "residual"},                               # the default since
+    "residual-memory-layer2": {"mode": "residual", "layer": 2},
 }
 
 
@@ -81,7 +83,8 @@ def _evaluate(name: str, overrides: dict) -> dict:
     ids = [q.id for q, d in zip(queries, dev) if d]
     fact_rows = [i for i, q in enumerate(ids) if q in facts]
     held_rows = [i for i in range(len(ids)) if i not in set(fact_rows)]
-    relevant = [[pool.index_of(s) for s in facts[ids[i]]] for i in fact_rows]
+    # the benchmark's pool holds some of each fact's documents only
+    relevant = [[pool.index_of(s) for s in facts[ids[i]] if s in pool.ids] for i in fact_rows]
     hist = state.get("history", [])
     return {"design": name, "overrides": overrides, "n_dev_queries": len(ids),
             "lds_dev": float(res.per_query.mean()),

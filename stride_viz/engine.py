@@ -167,7 +167,7 @@ class Stride:
 
         def read():
             meta = store.read_meta(repair=repair)
-            config = FitConfig.from_dict({**meta["config"], "device": device})
+            config = FitConfig.from_stored({**meta["config"], "device": device})
             problem = store.operators_problem() if store.is_fitted() and not repair else None
             if problem:  # found before the model is loaded; a fit (repair) rebuilds them
                 raise store.damaged_operators(problem)
@@ -278,6 +278,10 @@ class Stride:
             tensors = self.store.read_operators(device=str(self.lm.device))
             try:
                 ops = SteeringOperators.from_tensors(tensors, rms_scale=self.config.mode == "residual")
+                design = "memory" if ops.gated is not None else "linear"
+                if self.config.mode == "residual" and design != self.config.residual_design:
+                    raise ValueError(f"a {design} residual design, the run's settings say "
+                                     f"{self.config.residual_design}")
             except (KeyError, ValueError, RuntimeError) as e:
                 raise self.store.damaged_operators(f"not the operators of this run: "
                                                    f"{str(e).splitlines()[0][:120]}") from None

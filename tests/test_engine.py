@@ -122,6 +122,81 @@ def test_training_lowers_the_fidelity_loss(tmp_path, tiny_model, tiny_pool, mode
     assert last < first - (0.02 if mode == "logits" else 0.005), (mode, first, last)
 
 
+def _drop_setting(run_dir, name: str, **replace) -> None:
+    """Edit the stored config of a run (run.json and its copy) as an older version wrote it."""
+    import json
+    for file in ("run.json", "run.json.bak"):
+        path = run_dir / file
+        meta = json.loads(path.read_text())
+        meta["config"].pop(name, None)
+        meta["config"].update(replace)
+        path.write_text(json.dumps(meta))
+
+
+def test_residual_run_from_before_the_memory_design_still_opens(tmp_path, tiny_model, tiny_pool):
+    run = _fit(tmp_path, tiny_model, tiny_pool, "old", mode="residual", residual_design="linear", epochs=1)
+    assert run.operators.basis.dim() == 2 and run.operators.gated is None     # shared basis, linear
+    before = run.attribute([Query("q", "The sky is", " blue")], continuations=False)[0].scores
+    _drop_setting(run.store.root, "residual_design")
+    old = Stride.open(run.store.root)
+    assert old.config.residual_design == "linear"
+    again = old.attribute([Query("q2", "The sky is", " blue")], continuations=False)[0].scores
+    assert np.allclose(before, again)
+    # the same settings reopen it; the new default (memory) is refused, naming the difference
+    Stride.create_or_open(run.store.root, tiny_model, tiny_pool,
+                          FitConfig(**{**TINY_FIT, "epochs": 1, "mode": "residual", "residual_design": "linear"}))
+    with pytest.raises(RunMismatch, match=r"residual_design: None -> 'memory'"):
+        Stride.create_or_open(run.store.root, tiny_model, tiny_pool,
+                              FitConfig(**{**TINY_FIT, "epochs": 1, "mode": "residual"}))
+
+
+def test_operators_of_another_residual_design_are_refused(tmp_path, tiny_model, tiny_pool):
+    from stride_viz.integrity import RunDamaged
+    run = _fit(tmp_path, tiny_model, tiny_pool, "lin", mode="residual", residual_design="linear", epochs=1)
+    _drop_setting(run.store.root, "residual_design", residual_design="memory", memory_slots=64)
+    with pytest.raises(RunDamaged, match="a linear residual design, the run's settings say memory"):
+        Stride.open(run.store.root).operators
+
+
+def test_memory_design_gives_every_operator_its_own_keys(tmp_path, tiny_model, tiny_pool):
+    run = _fit(tmp_path, tiny_model, tiny_pool, "mem", mode="residual", memory_slots=5, epochs=1)
+    ops = run.operators
+    K = TINY_FIT["subsets"]
+    assert ops.gated is not None and tuple(ops.basis.shape) == (K, 5, 32) and tuple(ops.A.shape) == (K, 5, 32)
+    assert not torch.equal(ops.basis[0], ops.basis[1])          # trained, each its own
+    assert run.config.fingerprint()["memory_slots"] == 5
+    assert "memory_slots" not in FitConfig(**TINY_FIT).fingerprint()      # logits mode: not used
+    assert "residual_design" not in FitConfig(mode="residual", residual_design="linear").fingerprint()
+
+
+@pytest.mark.parametrize("design", ["memory", "linear"])
+def test_residual_steered_loss_of_training_equals_the_measurement(tiny_model, tiny_pool, design):
+    # the loss the operators are trained on is the one the responses report (same positions,
+    # same shift), up to the 16-bit cache of the hidden states
+    from stride_viz.data.tokenize import encode
+    from stride_viz.method.cache import build_cache, tokenize_pool
+    from stride_viz.method.measurement import measure
+    from stride_viz.method.training import Trainer
+
+    cfg = FitConfig(**{**TINY_FIT, "mode": "residual", "residual_design": design, "epochs": 1})
+    lm = FrozenLM(tiny_model.model, 1)
+    pool = tiny_pool.subset(range(6))
+    tokens = tokenize_pool(tiny_model.tokenizer, pool.prompts, pool.completions, cfg.max_length)
+    cache = build_cache(lm, tokens, cfg.mode)
+    trainer = Trainer(lm, cache, design_subsets(len(tiny_pool), cfg.subsets, cfg.per_example, 0)[:, :6], cfg)
+    with torch.no_grad():
+        for p in trainer.operators.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(7))
+        ops = torch.tensor([[0, 5, 11]] * 6)
+        nll, _, base = trainer._pair_losses(np.arange(6), ops)
+    enc = encode(tiny_model.tokenizer, pool.prompts, pool.completions, cfg.max_length)
+    res = measure(lm, trainer.operators, "residual", enc)
+    measured = torch.tensor([[r.loss_base - r.responses[k] for k in (0, 5, 11)] for r in res])
+    assert (nll - base.unsqueeze(1)).abs().max() > 0.01          # the operators do shift
+    torch.testing.assert_close(nll, measured, atol=2e-3, rtol=0)
+    torch.testing.assert_close(base, torch.tensor([r.loss_base for r in res]), atol=2e-3, rtol=0)
+
+
 def test_reopening_with_other_settings_is_refused_with_the_differences(tmp_path, tiny_model, tiny_pool):
     _fit(tmp_path, tiny_model, tiny_pool, "r", epochs=1)
     with pytest.raises(RunMismatch, match=r"rank: 4 -> 6.*new --run directory"):

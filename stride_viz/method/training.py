@@ -88,7 +88,9 @@ class Trainer:
     """Joint training of the basis and the K operators on a cached pool."""
 
     def __init__(self, lm: FrozenLM, cache: PoolCache, membership: sp.csr_matrix,
-                 config: FitConfig) -> None:
+                 config: FitConfig, operator_options: Optional[dict] = None) -> None:
+        """``operator_options``: SteeringOperators options over those the config implies
+        (measurements of other designs, benchmarks/residual_probe.py)."""
         self.lm, self.cache, self.config = lm, cache, config
         self.device = lm.device
         self.K, self.n = membership.shape
@@ -99,10 +101,13 @@ class Trainer:
                       if config.mode == "logits" and config.vocabulary == "subset" else None)
         out_dim = (op_columns.shape[1] if op_columns is not None
                    else cache.columns.numel() if logit_mode else lm.cut.d_model)
+        memory = config.mode == "residual" and config.residual_design == "memory"
+        options = {**(dict(own_basis=True, gated=True) if memory else {}), **(operator_options or {})}
         self.operators = SteeringOperators(
-            self.K, lm.cut.d_model, config.rank, out_dim, init, rms_scale=not logit_mode,
-            inner_rank=config.inner_rank if config.mode == "factored" else None,
-            columns=cache.columns.cpu() if logit_mode else None, op_columns=op_columns).to(self.device)
+            self.K, lm.cut.d_model, config.memory_slots if memory else config.rank, out_dim, init,
+            rms_scale=not logit_mode, inner_rank=config.inner_rank if config.mode == "factored" else None,
+            columns=cache.columns.cpu() if logit_mode else None, op_columns=op_columns,
+            **options).to(self.device)
         # the fused kernel: one pass over the K x r x |C| parameters (5x faster on a CPU core,
         # measured at K 1024, r 8, |C| 5,901); elementwise, so just as deterministic
         self.optimizer = torch.optim.AdamW(self.operators.parameters(), lr=config.lr,
