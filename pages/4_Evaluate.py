@@ -251,6 +251,16 @@ if report:
                report.get("setting", {}).get("machine", "?") + "). Each method's settings and its library's "
                "documented defaults are in benchmarks/results/lds.json.")
 
+def _settings_columns(*signed: str) -> dict:
+    """Column formats of a table of settings scored on the development queries (the ablation,
+    the tuning): LDS and the ``signed`` columns with a sign, then the error and the times."""
+    return {**{c: st.column_config.NumberColumn(format="%+.3f")
+               for c in ("LDS (dev)", "held-out text (dev)", "planted facts (dev)", *signed)},
+            "± stderr": st.column_config.NumberColumn(format="%.3f"),
+            "one-off (s)": st.column_config.NumberColumn(format="%.1f"),
+            "per query (s)": st.column_config.NumberColumn(format="%.4f")}
+
+
 if show_variants and report and report.get("ablation"):
     st.subheader("STRIDE ablation (development queries)")
     st.caption("Each variant changes the listed settings of STRIDE's defaults; its LDS and its paired "
@@ -259,12 +269,7 @@ if show_variants and report and report.get("ablation"):
                "scores; the settings their record lacks are those of the code they ran with.")
     st.dataframe(eval_plots.ablation_frame(report["ablation"]), hide_index=True, width="stretch",
                  key="eval_ablation",
-                 column_config={**{c: st.column_config.NumberColumn(format="%+.3f")
-                                   for c in ("LDS (dev)", "held-out text (dev)", "planted facts (dev)",
-                                             "vs defaults (dev)", "LDS (all)")},
-                                "± stderr": st.column_config.NumberColumn(format="%.3f"),
-                                "one-off (s)": st.column_config.NumberColumn(format="%.1f"),
-                                "per query (s)": st.column_config.NumberColumn(format="%.4f")})
+                 column_config=_settings_columns("vs defaults (dev)", "LDS (all)"))
 
 stat_rows = {m: r for m, r in (report or {}).get("methods", {}).items()
              if r.get("status") == "ok" and r.get("test") and ":" not in m}
@@ -307,13 +312,9 @@ if tuning.get("methods"):
         "over the development queries of the setting's LDS minus the default's (± standard error).")
     st.dataframe(eval_plots.tuning_frame(tuning["methods"]), hide_index=True, width="stretch",
                  key="eval_tuning",
-                 column_config={**{c: st.column_config.NumberColumn(format="%+.3f")
-                                   for c in ("LDS (dev)", "held-out text (dev)", "planted facts (dev)",
-                                             "vs default (dev)")},
-                                "± stderr": st.column_config.NumberColumn(format="%.3f"),
-                                "chosen": st.column_config.CheckboxColumn(help="the method's choice: best mean development LDS"),
-                                "one-off (s)": st.column_config.NumberColumn(format="%.1f"),
-                                "per query (s)": st.column_config.NumberColumn(format="%.4f")})
+                 column_config={**_settings_columns("vs default (dev)"),
+                                "chosen": st.column_config.CheckboxColumn(
+                                    help="the method's choice: best mean development LDS")})
     if tuning.get("test"):
         tgt = tuning.get("target") or {}
         st.markdown(
