@@ -375,6 +375,10 @@ def test_noise_retrains_use_other_seeds_resume_and_are_read_back(tmp_path):
     assert retrain.fill(d) == 3
     assert retrain.fill_noise(d, [1], 3) == 3
     assert retrain.fill_noise(d, [1], 3) == 0                 # resumes: nothing left
+    part = d / retrain.NOISE_DIR / "seed-1.jsonl"
+    with open(part, "a") as f:                                 # a retrain killed mid-write
+        f.write('{"subset_index": 0, "train_sub')
+    assert retrain.fill_noise(d, [1], 3) == 0                 # its torn line neither fails nor counts
     gt, noise = ev.read_ground_truth(d), retrain.read_noise(d)
     assert len(gt.train_subsets) == 3                          # the noise parts are not the ground truth's
     js, losses = noise[1]

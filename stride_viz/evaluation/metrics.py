@@ -37,7 +37,7 @@ from scipy.stats import rankdata
 __all__ = [
     "LdsResult", "GroundTruth", "GroundTruthError", "lds", "subset_sums", "recall_at_k", "mrr",
     "write_metadata", "read_metadata", "append_result", "read_ground_truth", "export_jsonl",
-    "done_subsets", "load_scores", "save_scores", "query_split", "split_means",
+    "done_subsets", "read_part", "load_scores", "save_scores", "query_split", "split_means",
 ]
 
 GT_VERSION = 1
@@ -249,24 +249,43 @@ def append_result(part_file: str | Path, subset_index: int, train_subset: Sequen
         f.flush()
 
 
+def _part_rows(part: Path):
+    """(line index, row) of one part file; a torn last line (a process killed mid-write) is
+    skipped: its subset is simply not done."""
+    lines = part.read_text().splitlines()
+    for ln, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if ln == len(lines) - 1:
+                continue
+            raise GroundTruthError(f"{part}: line {ln + 1} is not valid JSON.")
+        if "train_subset" not in row or "test_loss" not in row:
+            raise GroundTruthError(f"{part}: line {ln + 1} lacks 'train_subset' or "
+                                   f"'test_loss'.")
+        yield ln, row
+
+
 def _iter_rows(gt_dir: Path):
     for part in sorted(gt_dir.glob("*.jsonl")):
         if part.name in NOT_PARTS:
             continue
-        lines = part.read_text().splitlines()
-        for ln, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if ln == len(lines) - 1:
-                    continue  # a process killed mid-write: the subset is simply not done
-                raise GroundTruthError(f"{part}: line {ln + 1} is not valid JSON.")
-            if "train_subset" not in row or "test_loss" not in row:
-                raise GroundTruthError(f"{part}: line {ln + 1} lacks 'train_subset' or "
-                                       f"'test_loss'.")
+        for ln, row in _part_rows(part):
             yield part, ln, row
+
+
+def read_part(part_file: str | Path) -> dict[int, list[float]]:
+    """One part file written by :func:`append_result`: subset index -> its query losses (the
+    first row of a j wins; {} when the file does not exist)."""
+    part = Path(part_file)
+    rows: dict[int, list[float]] = {}
+    if part.exists():
+        for _ln, row in _part_rows(part):
+            if "subset_index" in row:
+                rows.setdefault(int(row["subset_index"]), row["test_loss"])
+    return rows
 
 
 def done_subsets(gt_dir: str | Path) -> set[int]:

@@ -13,7 +13,8 @@ kept fixed (it is not what the LDS measures).
 
 The noise ceiling: ``fill_noise`` retrains the first subsets again with other recipe seeds
 (initial weights and batch order) into ``GT_DIR/noise/seed-<s>.jsonl``; the LDS of one seed's
-losses as predictions of another's (``stats.noise_ceiling``) is the best any method can reach.
+losses as predictions of another's (``stats.noise_ceiling``) is the scale of training noise, a
+reference for the methods' LDS (not a hard limit: see its docstring).
 
     python -m stride_viz.evaluation.retrain GT_DIR [--shard 0/2] [--threads 1]
     python -m stride_viz.evaluation.retrain GT_DIR --noise-seeds 1,2 --noise-subsets 8
@@ -190,9 +191,7 @@ def fill_noise(gt_dir: str | Path, seeds: Sequence[int], n_subsets: int,
     subsets = draw_subsets(len(pool), meta["n_subsets"], meta["fraction"], meta["seed"])
     todo = []
     for s in seeds:
-        part = gt_dir / NOISE_DIR / f"seed-{s}.jsonl"
-        done = ({int(json.loads(line)["subset_index"]) for line in part.read_text().splitlines() if line}
-                if part.exists() else set())
+        done = ev.read_part(gt_dir / NOISE_DIR / f"seed-{s}.jsonl")
         todo += [(s, j) for j in range(n_subsets) if j not in done]
     (gt_dir / NOISE_DIR).mkdir(exist_ok=True)
     timer = StageTimer("noise retrain", len(todo), progress, min_interval=0.0)
@@ -211,11 +210,7 @@ def read_noise(gt_dir: str | Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     sorted by subset index; {} when there are none."""
     out = {}
     for part in sorted((Path(gt_dir) / NOISE_DIR).glob("seed-*.jsonl")):
-        rows = {}
-        for line in part.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows.setdefault(int(r["subset_index"]), r["test_loss"])
+        rows = ev.read_part(part)
         js = sorted(rows)
         out[int(part.stem.split("-", 1)[1])] = (np.array(js, dtype=np.int64),
                                                 np.array([rows[j] for j in js], dtype=np.float64))
