@@ -49,8 +49,10 @@ def top_k(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def _summary(per_query: np.ndarray, dev: np.ndarray, groups: dict) -> dict:
-    return {"lds_mean_dev": float(per_query[dev].mean()),
-            **{f"lds_mean_dev_{g}": float(per_query[dev & m].mean()) for g, m in groups.items()}}
+    """The development side of ``metrics.split_means``: its means, overall and per group (the
+    diagnosis reads no test query)."""
+    means = ev.split_means(per_query, dev, groups)
+    return {"lds_mean_dev": means["lds_mean_dev"], **{f"lds_mean_dev_{g}": means[f"lds_mean_dev_{g}"] for g in groups}}
 
 
 def main() -> None:
