@@ -379,6 +379,10 @@ def test_noise_retrains_use_other_seeds_resume_and_are_read_back(tmp_path):
     with open(part, "a") as f:                                 # a retrain killed mid-write
         f.write('{"subset_index": 0, "train_sub')
     assert retrain.fill_noise(d, [1], 3) == 0                 # its torn line neither fails nor counts
+    torn = tmp_path / "torn.jsonl"                            # a copy, appended to: the torn line is cut off
+    torn.write_text(part.read_text())
+    ev.append_result(torn, 3, [0, 1], [1.0] * len(queries))
+    assert sorted(ev.read_part(torn)) == [0, 1, 2, 3] and torn.read_text().endswith("\n")
     gt, noise = ev.read_ground_truth(d), retrain.read_noise(d)
     assert len(gt.train_subsets) == 3                          # the noise parts are not the ground truth's
     js, losses = noise[1]

@@ -240,12 +240,21 @@ def read_metadata(gt_dir: str | Path) -> dict:
 
 def append_result(part_file: str | Path, subset_index: int, train_subset: Sequence[int],
                   test_loss: Sequence[float]) -> None:
-    """Append one retrained subset to a part file (one JSON line, flushed at once)."""
+    """Append one retrained subset to a part file (one JSON line, flushed at once). A torn
+    last line (no newline: a process killed mid-write, whose subset is not done) is cut off
+    first; appended to, it would become an unreadable line in the middle of the file."""
     line = json.dumps({"subset_index": int(subset_index),
                        "train_subset": [int(i) for i in train_subset],
                        "test_loss": [float(v) for v in test_loss]})
-    with open(part_file, "a") as f:
-        f.write(line + "\n")
+    with open(part_file, "a+b") as f:
+        size = f.seek(0, 2)
+        if size:
+            f.seek(max(0, size - 1))
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+        f.write((line + "\n").encode())
         f.flush()
 
 
