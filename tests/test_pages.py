@@ -500,9 +500,23 @@ def test_explore_explains_a_new_prompt_and_names_it_in_the_url(explain_home):
     assert "at most 2,000" in _errors(_explain(at, "x" * (MAX_PROMPT_CHARS + 1)))[0]
     assert store.list() == []
 
-    # the prompt is user text: shown as text while it is explained, never as a link or HTML
-    prompt = "[Money](https://evil.example/m) <b>is</b>"
-    at = _explain(at, prompt, " power.")
+    # the prompt is user text: shown as text while it is explained, never as a link or HTML.
+    # The run's explainer is held at its lock while the page waits for a warm answer (5 s; it
+    # waits 10 s for the lock), so that the page shows the request as waiting however fast
+    # the explainer would start
+    import fcntl
+    import os
+    from stride_viz.jobs import explainer
+    lock = explainer._paths(store, run)[0]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        prompt = "[Money](https://evil.example/m) <b>is</b>"
+        at = _explain(at, prompt, " power.")
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
     [job] = store.list()
     assert job.kind == "explain" and job.params["prompt"] == prompt
     waiting = [i.value for i in at.info if "Explaining" in i.value]
