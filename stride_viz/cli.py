@@ -27,7 +27,8 @@ from stride_viz.progress import Cancelled, print_progress
 
 __all__ = ["main", "build_parser"]
 
-_FIT_FLAGS = ("subsets", "per_example", "rank", "layer", "mode", "inner_rank", "vocabulary", "seed",
+_FIT_FLAGS = ("subsets", "per_example", "rank", "layer", "mode", "inner_rank", "vocabulary", "solver",
+              "damping", "seed",
               "epochs", "batch_size", "lr", "warmup", "stability_weight", "linearity_weight",
               "max_length", "tokens_per_example", "fidelity_temperature", "linearity_every", "probe_queries",
               "linearity_operators", "cache", "cache_memory_mb", "precision", "checkpoint_every",

@@ -40,6 +40,7 @@ from stride_viz.data.tokenize import encode
 from stride_viz.method.cache import build_cache, tokenize_pool
 from stride_viz.method.checkpoint import CHECKPOINT, PREVIOUS
 from stride_viz.method.training import Trainer
+from stride_viz.method.newton import gauss_newton_operators
 
 __all__ = ["Stride", "Attribution", "read_attribution", "RunMismatch", "QueryError"]
 
@@ -250,24 +251,32 @@ class Stride:
         cache = build_cache(self.lm, tokens, cfg.mode, cfg.vocabulary, memory_mb=cfg.cache_memory_mb,
                             work_dir=self.store.fit_dir, precision=cfg.precision, kind=cfg.cache,
                             progress=progress)
+        record = None
         try:
-            trainer = Trainer(self.lm, cache, self.membership, cfg)
-            trainer.train(self.store.fit_dir, progress=progress, should_stop=should_stop)
+            if cfg.solver == "gauss-newton":     # closed form: no optimiser, no checkpoint
+                operators, record = gauss_newton_operators(self.lm, cache, self.membership, cfg,
+                                                           progress, should_stop)
+            else:
+                trainer = Trainer(self.lm, cache, self.membership, cfg)
+                trainer.train(self.store.fit_dir, progress=progress, should_stop=should_stop)
+                operators = trainer.operators
         finally:
             cache.close()
 
         def write() -> None:  # rank 0 alone under torchrun: every rank holds these operators
-            self.store.write_operators(trainer.operators.to_tensors())
+            self.store.write_operators(operators.to_tensors())
             if not cfg.keep_checkpoint:   # the fit is done: its checkpoints are ~3x the operators
                 for name in (CHECKPOINT, PREVIOUS):
                     (self.store.fit_dir / name).unlink(missing_ok=True)
+            if record is not None:
+                write_json(self.store.fit_dir / "state.json", record)
             state = read_json(self.store.fit_dir / "state.json")
             state.update(seconds=time.monotonic() - t0, finished=_now(),
                          truncated_examples=tokens.truncated, processes=distributed.world_size())
             write_json(self.store.fit_dir / "state.json", state)
 
         distributed.from_writer(write)
-        self._operators = trainer.operators.eval()
+        self._operators = operators.eval()
 
     @property
     def operators(self) -> SteeringOperators:
