@@ -261,19 +261,27 @@ TUNING: dict[str, list[tuple[str, dict, int]]] = {
     # every tenfold rise of its damping. Round 3, from rounds 1-2: STRIDE gained from 6 epochs
     # (not from lr 3e-2), EK-FAC's heuristic stayed best (1e-4 and the empirical Fisher lost),
     # TRAK gained most from more models (3 > 2 > 1), LoGra peaked near damping 0.1 (1 and 10
-    # lost).
+    # lost). Round 4, from rounds 1-3 and benchmarks/lds_diagnosis.py (development queries
+    # only): STRIDE's operators were what lost LDS, and Gauss-Newton influence in the
+    # operators' own logit space, through STRIDE's design and Lasso, kept it; so STRIDE's
+    # operators in closed form (solver 'gauss-newton', its damping as the help text says).
+    # For the same budget every peer got one more setting: EK-FAC a damping between its two
+    # best (1e-6, the heuristic) and the nearest lower one that lost (1e-8), TRAK more models
+    # (its gain every time), LoGra the damping below its plateau (0.1 to 0.3).
     "stride": [("default", {}, 1),
                ("k2048", {"fit": {"subsets": 2048}}, 1),
                ("t2", {"fit": {"fidelity_temperature": 2.0}}, 1),
                ("e6", {"fit": {"epochs": 6.0}}, 2),
                ("lr3e-2", {"fit": {"lr": 3e-2}}, 2),
-               ("e12", {"fit": {"epochs": 12.0}}, 3)],
+               ("e12", {"fit": {"epochs": 12.0}}, 3),
+               ("gn", {"fit": {"solver": "gauss-newton"}}, 4)],
     "ekfac": [("default", {}, 1),                               # damping: kronfluence's heuristic
               ("d1e-8", {"damping_factor": 1e-8}, 1),           # kronfluence's ScoreArguments() default
               ("d1e-2", {"damping_factor": 1e-2}, 1),
               ("d1e-4", {"damping_factor": 1e-4}, 2),
               ("efisher", {"use_empirical_fisher": True}, 2),   # observed labels, heuristic damping
-              ("d1e-6", {"damping_factor": 1e-6}, 3)],
+              ("d1e-6", {"damping_factor": 1e-6}, 3),
+              ("d1e-7", {"damping_factor": 1e-7}, 4)],
     # batch_size only sets how many gradients dattri projects at once (its CPU projector
     # regenerates the random matrix per batch): 256 is faster, the scores are the same
     "trak": [("default", {}, 1),                                # proj_dim 512, one model
@@ -281,13 +289,15 @@ TUNING: dict[str, list[tuple[str, dict, int]]] = {
              ("ens2", {"checkpoints": ["seed:1"], "batch_size": 256}, 1),
              ("p2048ens2", {"proj_dim": 2048, "checkpoints": ["seed:1"], "batch_size": 256}, 2),
              ("ens3", {"checkpoints": ["seed:1", "seed:2"], "batch_size": 256}, 2),
-             ("ens5", {"checkpoints": ["seed:1", "seed:2", "seed:3", "seed:4"], "batch_size": 256}, 3)],
+             ("ens5", {"checkpoints": ["seed:1", "seed:2", "seed:3", "seed:4"], "batch_size": 256}, 3),
+             ("ens8", {"checkpoints": [f"seed:{s}" for s in range(1, 8)], "batch_size": 256}, 4)],
     "logra": [("default", {}, 1),                               # damping 1e-5 x mean eigenvalue
               ("d1e-3", {"damping": 1e-3}, 1),
               ("d1e-1", {"damping": 1e-1}, 1),
               ("d1", {"damping": 1.0}, 2),
               ("d10", {"damping": 10.0}, 2),
-              ("d3e-1", {"damping": 0.3}, 3)],
+              ("d3e-1", {"damping": 0.3}, 3),
+              ("d3e-2", {"damping": 3e-2}, 4)],
 }
 TUNED_METHODS = tuple(TUNING)
 

@@ -19,6 +19,7 @@ Three parts, each (setting, method) in its own process, peak memory read from th
 
     python benchmarks/scale.py --parts vocab,pool
     python benchmarks/scale.py --parts vocab --methods stride --limit 2400
+    python benchmarks/scale.py --parts vocab --shapes gpt2-small --methods stride:gn   # closed-form operators
     python benchmarks/scale.py --parts cold     # only re-time the 3 cold queries of the runs
 
 Results: benchmarks/results/scale.json.
@@ -45,6 +46,8 @@ SHAPES = {
     "qwen2.5-0.5b": dict(family="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
                          num_key_value_heads=2, intermediate_size=4864, vocab_size=151936),
 }
+# STRIDE's settings by method name: the defaults, and the operators in closed form
+STRIDE_VARIANTS = {"stride": {}, "stride:gn": {"solver": "gauss-newton"}}
 TOKENIZER_VOCAB = 8192
 MAX_LENGTH = 64
 N_QUERIES = 4
@@ -137,16 +140,16 @@ def worker_vocab(shape: str, method: str, n_pool: int) -> dict:
     queries = _queries(pool)
     lm = load_model(str(_model_dir(shape, n_pool)), device="cpu")
     n_params = sum(p.numel() for p in lm.model.parameters())
-    if method != "stride":
+    if not method.startswith("stride"):
         from stride_viz.evaluation.baselines import run_method
         res = run_method(method, lm.model, lm.tokenizer, pool, queries, max_length=MAX_LENGTH)
         return {"n_params": n_params, **res.summary(), "peak_rss_mb": _peak_rss_mb()}
     from stride_viz.config import FitConfig
     from stride_viz.engine import Stride
 
-    run_dir = WORK / f"run-{shape}-{n_pool}"
+    run_dir = WORK / f"run-{shape}-{n_pool}{method[len('stride'):].replace(':', '-')}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = FitConfig(max_length=MAX_LENGTH)
+    config = FitConfig(max_length=MAX_LENGTH, **STRIDE_VARIANTS[method])
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -272,7 +275,7 @@ def main() -> None:
                 _log(f"vocab {shape} {m}: running (pool {n_pool})")
                 row = {"shape": shape, "method": m, "n_pool": n_pool, "load_average_at_start": round(load, 2),
                        **_spawn(["vocab", shape, m, str(n_pool)], a.limit)}
-                if m == "stride" and row["status"] == "ok":
+                if m in STRIDE_VARIANTS and row["status"] == "ok":
                     row.update(_queries_cold(row["run_dir"], n_pool, a.limit))
                 rows[(shape, m)] = row
                 _log(f"vocab {shape} {m}: {json.dumps({k: v for k, v in row.items() if k != 'settings'})}")
@@ -280,7 +283,7 @@ def main() -> None:
     if "cold" in a.parts.split(","):        # re-measure the cold queries of the existing runs
         rows = json.loads(out_file.read_text()).get("vocab", []) if out_file.exists() else []
         for row in rows:
-            if row["method"] == "stride" and row.get("status") == "ok" and Path(row["run_dir"]).exists():
+            if row["method"] in STRIDE_VARIANTS and row.get("status") == "ok" and Path(row["run_dir"]).exists():
                 row.update(_queries_cold(row["run_dir"], row["n_pool"], a.limit))
                 _log(f"cold queries {row['shape']}: {row.get('seconds_3_queries_cold')}")
         _save(out_file, report, "vocab", rows)

@@ -108,7 +108,8 @@ ui.set_url(run=run.name, query=q.id, example=sel_id or None)
 cfg = run.meta["config"]
 st.caption(f"Run {ui.md_code(run.name)} · model {ui.md_code(run.model_name)} · pool {ui.md_code(run.pool_name)} "
            f"({run.n} examples) · K = {run.K} subsets, each example in d = {cfg['per_example']} of them · "
-           f"operators: {cfg['mode']} mode, rank {cfg['rank']} · fit took "
+           f"operators: {cfg['mode']} mode, rank {cfg['rank']}"
+           f"{' (closed-form Gauss-Newton steps)' if cfg.get('solver') == 'gauss-newton' else ''} · fit took "
            f"{ui.fmt_seconds(run.fit_state.get('seconds'))}")
 if run.is_demo:
     with st.expander("About this demo run", expanded=True):

@@ -292,7 +292,8 @@ def build_report(run_dir: str | Path, query_ids: Optional[Sequence[str]] = None,
     parts = [f"<h1>STRIDE attribution report</h1><div class='meta'>Run <code>{html.escape(run.name)}</code> · "
              f"model <code>{html.escape(run.model_name)}</code> · pool "
              f"<code>{html.escape(run.pool_name)}</code> ({run.n} examples) · K = {run.K} "
-             f"subsets, d = {cfg['per_example']}, rank {cfg['rank']}, mode {cfg['mode']} · written "
+             f"subsets, d = {cfg['per_example']}, rank {cfg['rank']}, mode {cfg['mode']}"
+             f"{', closed-form Gauss-Newton operators' if cfg.get('solver') == 'gauss-newton' else ''} · written "
              f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC</div>",
              "<div class='note'>A <b>score w<sub>i</sub> &gt; 0</b> means training example i <b>helps</b>: "
              "training on it lowers the loss of the query's completion (a proponent); <b>w<sub>i</sub> &lt; 0"
