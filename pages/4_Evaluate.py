@@ -352,15 +352,24 @@ if twin or ceiling:
             "**Random-weight twin**: the same methods scored a twin of the model (same shape, "
             "tokenizer and initial weights, never trained) against the same retrained losses. What a "
             "method keeps on the twin comes from the text, not from what the model learnt"
-            + (f"; STRIDE keeps {tgt['stride_twin'] / tgt['stride_trained']:.0%} of its LDS "
-               f"(target: at most 50%, {'met' if tgt.get('met') else 'not met'})."
-               if tgt.get("stride_twin") is not None and tgt.get("stride_trained") else "."))
+            + (f"; STRIDE (defaults) keeps {tgt['stride_twin'] / tgt['stride_trained']:.0%} of its LDS "
+               f"(target: at most 50%, {'met' if tgt.get('met') else 'not met'})"
+               if tgt.get("stride_twin") is not None and tgt.get("stride_trained") else "")
+            + (f", its tuned choice {ch['stride_method']} keeps {ch['stride_twin'] / ch['stride_trained']:.0%} "
+               f"({'met' if ch.get('met') else 'not met'})"
+               if (ch := tgt.get("choice") or {}).get("stride_twin") is not None and ch.get("stride_trained")
+               else "")
+            + "."
+            + (" The tuned choices ran on the twin with the settings chosen on the trained model's "
+               "development queries; on the twin, a TRAK ensemble member is the recipe's model as "
+               "initialised from another seed, never trained." if (twin.get("choices") or {}).get("chosen")
+               else ""))
     st.markdown("\n\n".join(parts))
     if twin:
         tframe = eval_plots.twin_frame(twin.get("methods", {}), ceiling)
         st.dataframe(tframe, hide_index=True, width="stretch", key="eval_twin",
                      column_config={c: st.column_config.NumberColumn(format="%.2f" if c in ("twin / trained", "share of the noise ceiling") else "%+.3f")
-                                    for c in tframe.columns if c != "method" and "CI" not in c})
+                                    for c in tframe.columns if c not in ("method", "settings") and "CI" not in c})
 
 # ----------------------------------------------------------------------------- one query
 st.subheader("One query: predicted effect vs. retrained loss")
