@@ -38,8 +38,11 @@ reuses) everything, in steps that each skip what is already done:
 5. methods: every peer in ``stride_viz.evaluation.baselines`` and STRIDE (engine defaults), one process
    per method so that peak memory is per method; scores saved as .npy;
 6. twin: every method again on the random-weight twin of the model (``retrain.init_model``:
-   the recipe's GPT-2 as initialised, never trained), compressed scores committed in
-   ``benchmarks/results/lds_scores_twin/``;
+   the recipe's GPT-2 as initialised, never trained), and each tuned method's choice
+   (``tuning_choices``: lds.json's tuning) with its settings, a TRAK ensemble member
+   ``seed:N`` being the recipe's model as initialised from seed N, never trained; compressed
+   scores committed in ``benchmarks/results/lds_scores_twin/`` (a choice as
+   ``METHOD-NAME.npz``); ``--methods`` may name the defaults and the choices;
 7. report: every method's scores, compressed (float16, rows scaled), into the committed
    ``benchmarks/results/lds_scores/<method>.npz``; ``benchmarks/results/lds.json`` (LDS
    computed from those files, on all queries and on each side of the fixed development/test
@@ -403,11 +406,29 @@ def _ensemble_model(seed: int) -> Path:
     return path
 
 
+def _twin_ensemble_model(seed: int) -> Path:
+    """A TRAK ensemble member of the random-weight twin: the recipe's model as initialised
+    from ``seed`` (``retrain.init_model``), never trained, like the twin itself (seed 0):
+    WORK/lds_model_twin_seed<seed>."""
+    from stride_viz.evaluation.retrain import init_model, open_inputs
+
+    path = TWIN.model.with_name(f"{TWIN.model.name}_seed{seed}")
+    if not (path / "config.json").exists():
+        meta, _, _, tok = open_inputs(GT_DIR)
+        model = init_model({**meta["recipe"], "seed": seed}, tok)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        _log(f"twin ensemble member (recipe seed {seed}, never trained) -> {path}")
+    return path
+
+
 def peer_settings(method: str, L: "Layout") -> tuple[str, dict]:
     """(base method, settings over baselines.default_settings) of a peer or a peer variant
     'PEER:NAME': PEER_SETTINGS, then LDS_PEER_SETTINGS, then the general command's
     --settings, then the variant's spec. A TRAK checkpoint 'seed:S' is the recipe's model
-    trained with seed S (``_ensemble_model``)."""
+    trained with seed S (``_ensemble_model``); on the random-weight twin (``L`` is TWIN), the
+    recipe's model as initialised from seed S, never trained (``_twin_ensemble_model``)."""
     base = method.split(":", 1)[0]
     over = {**PEER_SETTINGS.get(base, {}),
             **json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(base, {}),
@@ -415,7 +436,8 @@ def peer_settings(method: str, L: "Layout") -> tuple[str, dict]:
     if method != base:
         over.update(_spec(method))
     if over.get("checkpoints"):
-        over["checkpoints"] = [_rel(_ensemble_model(int(c.split(":", 1)[1]))) if str(c).startswith("seed:")
+        member = _twin_ensemble_model if L is TWIN else _ensemble_model
+        over["checkpoints"] = [_rel(member(int(c.split(":", 1)[1]))) if str(c).startswith("seed:")
                                else c for c in over["checkpoints"]]
     return base, over
 
@@ -446,7 +468,7 @@ def _stride_scores(method: str, L: Layout = DEMO) -> dict:
 
     _, pool, queries, _ = open_inputs(L.gt)
     lm = load_model(str(L.model), device="cpu")
-    if L is DEMO:
+    if L is DEMO or L is TWIN:  # the twin runs the defaults and the tuning choices
         fit_over, rec_over = _variant(method)
     else:  # the general command: the committed defaults, unless --settings changed them
         over = L.method_overrides().get("stride", {})
@@ -629,8 +651,8 @@ def step_report(committed_only: bool = False) -> dict:
         elif old and old.get("scores_file") == _rel(committed) and committed.exists():
             # e.g. a fresh clone: the committed scores and what the previous report said of their run
             scores = ev.load_scores(committed, len(ids), ids)
-            info = {k: old[k] for k in ("seconds_fit", "seconds_per_query", "peak_rss_mb", "settings")
-                    if k in old}
+            info = {k: old[k] for k in ("seconds_fit", "seconds_per_query", "peak_rss_mb", "settings",
+                                        "wall_seconds") if k in old}
         elif failed.exists() and not committed_only and not (old and old["status"] == "ok"):
             methods[m] = {"status": "failed", "error": failed.read_text().strip(),
                           "settings": _settings_of(m)}
@@ -704,7 +726,8 @@ def step_report(committed_only: bool = False) -> dict:
     if report["tuning"].get("target"):
         report["target"]["tuned"] = report["tuning"]["target"]
     report["noise_ceiling"] = noise_report(gt, loaded, dev, groups)
-    report["twin"] = twin_report(gt, methods, dev, groups, ids, fact_rows, relevant, committed_only)
+    report["twin"] = twin_report(gt, methods, dev, groups, ids, fact_rows, relevant, committed_only,
+                                 choices=tuning_choices(report))
     report["setting"]["retrained_loss"] = retrained_loss(gt, dev, committed_only)
     if earlier_gt is not None:
         report["earlier_ground_truth"] = earlier_gt
@@ -864,6 +887,16 @@ def tuning_report(methods: dict, loaded: dict, gt, dev: np.ndarray, groups: dict
                          "target": "stride_lds >= best_peer_lds",
                          "met": test["stride"]["lds_mean_test"] >= test[best]["lds_mean_test"]}
     return out
+
+
+def tuning_choices(report: Optional[dict] = None) -> dict:
+    """{base method: chosen setting's method name} of the tuned methods whose choice (on the
+    development queries, ``choose_settings``) is not the default, read from a report's
+    ``tuning`` (default: the committed lds.json). The twin step runs these besides the
+    defaults."""
+    report = _previous_report() if report is None else report
+    return {b: c["chosen"] for b, c in (report.get("tuning") or {}).get("methods", {}).items()
+            if c.get("chosen") and c["chosen"] != b}
 
 
 def _previous_report() -> dict:
@@ -1031,15 +1064,19 @@ def noise_report(gt, scores: dict, dev: np.ndarray, groups: dict) -> Optional[di
 
 
 def twin_report(gt, methods: dict, dev: np.ndarray, groups: dict, ids: list, fact_rows: list,
-                relevant: list, committed_only: bool) -> Optional[dict]:
+                relevant: list, committed_only: bool, choices: Optional[dict] = None) -> Optional[dict]:
     """Model dependence: every method's LDS from scores computed on the random-weight twin
     (``TWIN``), next to its LDS on the trained model; each method's entry also gets ``twin``.
+    ``choices``: {base: method} of the tuned methods' choices (``tuning_choices``), reported
+    the same way (entry ``choice_of``: the base method) and STRIDE's in the target as well.
     Scores: the work folder's float32 ones (saved compressed to COMMITTED_TWIN_SCORES first),
     else the committed ones."""
     test = ~np.asarray(dev, dtype=bool)
+    choices = dict(choices or {})
+    choice_of = {m: b for b, m in choices.items()}
     out = {}
-    for m in ALL_METHODS:
-        work, committed = TWIN.scores / f"{m}.npy", COMMITTED_TWIN_SCORES / f"{m}.npz"
+    for m in list(ALL_METHODS) + [m for m in choices.values() if m not in ALL_METHODS]:
+        work, committed = TWIN.scores / f"{m}.npy", COMMITTED_TWIN_SCORES / f"{m.replace(':', '-')}.npz"
         if work.exists() and not committed_only:
             sc = ev.save_scores(committed, ev.load_scores(work, len(ids)), ids)
             info = json.loads((TWIN.scores / f"{m}.json").read_text())
@@ -1061,6 +1098,10 @@ def twin_report(gt, methods: dict, dev: np.ndarray, groups: dict, ids: list, fac
                  "lds_per_query": [round(float(v), 6) for v in rho],
                  "scores_file": _rel(committed),
                  "run": {k: info.get(k) for k in ("seconds_fit", "seconds_per_query", "peak_rss_mb", "wall_seconds")}}
+        if m in choice_of:
+            entry["choice_of"] = choice_of[m]
+        if info.get("settings") is not None or m in choice_of:
+            entry["run"]["settings"] = info.get("settings")
         trained = methods.get(m, {})
         if trained.get("status") == "ok":
             t = trained["lds_mean_test"]
@@ -1071,16 +1112,32 @@ def twin_report(gt, methods: dict, dev: np.ndarray, groups: dict, ids: list, fac
         out[m] = entry
     if not out:
         return None
-    st = out.get("stride", {})
+
+    def target(m: str) -> dict:
+        e = out.get(m, {})
+        return {"stride_method": m, "stride_twin": e.get("lds_mean_test"),
+                "stride_trained": e.get("trained_lds_mean_test"), "twin_over_trained": e.get("twin_over_trained"),
+                "met": (e.get("twin_over_trained") is not None and e["twin_over_trained"] <= 0.5)
+                if e.get("status") == "ok" else None}
+
+    tgt = {"what": "STRIDE's test LDS on the twin <= half of its test LDS on the trained model",
+           **target("stride")}
+    if "stride" in choices:  # the same check on STRIDE's tuned choice
+        tgt["choice"] = target(choices["stride"])
     return {"what": "every method's scores computed on a random-weight twin of the benchmark's model (the "
                     "recipe's GPT-2 as initialised from its seed: same shape, tokenizer and initial "
                     "weights, never trained), scored against the same ground truth; a method that "
                     "explains what the model learnt loses most of its LDS on the twin",
             "model": str(TWIN.model.relative_to(ROOT)) + " (git-ignored; rebuilt by --steps twin)",
-            "target": {"what": "STRIDE's test LDS on the twin <= half of its test LDS on the trained model",
-                       "stride_twin": st.get("lds_mean_test"), "stride_trained": st.get("trained_lds_mean_test"),
-                       "met": (st.get("twin_over_trained") is not None and st["twin_over_trained"] <= 0.5)
-                       if st.get("status") == "ok" else None},
+            "choices": {"what": "each tuned method's choice on the development queries (tuning.methods.<m>.chosen), "
+                                "run on the twin with the same settings and reported like the defaults "
+                                "(methods.<choice>, choice_of: the method); a TRAK checkpoint 'seed:N' is, on "
+                                "the twin, the recipe's model as initialised from seed N, never trained "
+                                "(benchmarks/work/lds_model_twin_seed<N>), like the twin itself (seed "
+                                f"{gt.metadata['recipe']['seed']})",
+                        "chosen": choices,
+                        "missing": sorted(m for m in choices.values() if m not in out)},
+            "target": tgt,
             "methods": out}
 
 
@@ -1351,7 +1408,8 @@ def main() -> None:
                    help='JSON {method: settings} differing from the committed defaults, e.g. '
                         '\'{"stride": {"fit": {"subsets": 64}}}\' (recorded in RESULT.json; tests only)')
     ap.add_argument("--steps", default="prepare,model,retrain,noise,methods,twin,report",
-                    help="the demo's steps (twin: every --methods on the random-weight twin; "
+                    help="the demo's steps (twin: every --methods on the random-weight twin, "
+                         "the tuning choices too when --methods is not given; "
                          "tune: every setting of the tuning plan TUNING not yet scored)")
     ap.add_argument("--methods", default=None,
                     help=f"comma-separated (demo default: all of {','.join(ALL_METHODS)}; "
@@ -1420,8 +1478,16 @@ def main() -> None:
     if "methods" in steps or "tune" in steps:
         step_methods(methods, a.force, a.timeout)
     if "twin" in steps:
+        # the defaults and each tuned method's choice (lds.json's tuning); without --methods,
+        # all of them
+        choices = list(tuning_choices().values())
+        others = [m for m in methods if m not in ALL_METHODS and m not in choices]
+        if given and others and not ({"methods", "tune"} & set(steps)):
+            ap.error(f"--steps twin runs the defaults ({', '.join(ALL_METHODS)}) and the tuning "
+                     f"choices ({', '.join(choices) or 'none recorded'}); not {', '.join(others)}.")
         step_twin_model()
-        step_methods([m for m in methods if m in ALL_METHODS], a.force, a.timeout, TWIN)
+        step_methods([m for m in methods if m in ALL_METHODS or m in choices]
+                     + ([] if given else choices), a.force, a.timeout, TWIN)
     if "report" in steps:
         step_report()
 

@@ -352,15 +352,63 @@ if twin or ceiling:
             "**Random-weight twin**: the same methods scored a twin of the model (same shape, "
             "tokenizer and initial weights, never trained) against the same retrained losses. What a "
             "method keeps on the twin comes from the text, not from what the model learnt"
-            + (f"; STRIDE keeps {tgt['stride_twin'] / tgt['stride_trained']:.0%} of its LDS "
-               f"(target: at most 50%, {'met' if tgt.get('met') else 'not met'})."
-               if tgt.get("stride_twin") is not None and tgt.get("stride_trained") else "."))
+            + (f"; STRIDE (defaults) keeps {tgt['stride_twin'] / tgt['stride_trained']:.0%} of its LDS "
+               f"(target: at most 50%, {'met' if tgt.get('met') else 'not met'})"
+               if tgt.get("stride_twin") is not None and tgt.get("stride_trained") else "")
+            + (f", its tuned choice {ch['stride_method']} keeps {ch['stride_twin'] / ch['stride_trained']:.0%} "
+               f"({'met' if ch.get('met') else 'not met'})"
+               if (ch := tgt.get("choice") or {}).get("stride_twin") is not None and ch.get("stride_trained")
+               else "")
+            + "."
+            + (" The tuned choices ran on the twin with the settings chosen on the trained model's "
+               "development queries; on the twin, a TRAK ensemble member is the recipe's model as "
+               "initialised from another seed, never trained." if (twin.get("choices") or {}).get("chosen")
+               else ""))
     st.markdown("\n\n".join(parts))
     if twin:
         tframe = eval_plots.twin_frame(twin.get("methods", {}), ceiling)
         st.dataframe(tframe, hide_index=True, width="stretch", key="eval_twin",
                      column_config={c: st.column_config.NumberColumn(format="%.2f" if c in ("twin / trained", "share of the noise ceiling") else "%+.3f")
-                                    for c in tframe.columns if c != "method" and "CI" not in c})
+                                    for c in tframe.columns if c not in ("method", "settings") and "CI" not in c})
+
+# ----------------------------------------------------------------------------- second corpus
+SECOND = ROOT / "benchmarks" / "results" / "lds_wordnet.json"
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def _second_corpus(path: str, stamp: float) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+second = _second_corpus(str(SECOND), _stamp(SECOND)) if report and SECOND.is_file() else None
+if second and second.get("methods"):
+    srows = {m: r for m, r in second["methods"].items() if r.get("status") == "ok" and r.get("test")}
+    if srows:
+        sst = second.get("setting", {})
+        rec = sst.get("recipe", {})
+        load = (second.get("machine") or {})
+        la, lb = load.get("load_average_1_5_15_at_start"), load.get("load_average_1_5_15_at_end")
+        total = (second.get("timings") or {}).get("total_s")
+        st.subheader("A second corpus: WordNet noun glosses (test queries)")
+        st.markdown(
+            f"The same protocol on a pool the project never saw ({sst.get('pool', {}).get('n', '?')} "
+            f"WordNet glosses, {sst.get('n_queries', '?')} held-out glosses as queries, "
+            f"{sst.get('n_subsets', '?')} retrained subsets, recipe {rec.get('epochs', '?')} epochs), every "
+            "method with its committed defaults, nothing tuned on this pool: "
+            f"{ui.md_code(second.get('command', ''))}"
+            + (f" ({total / 60:.0f} min wall in all on 2 shared CPU cores; load average "
+               f"{la[0]:.1f} at the start, {lb[0]:.1f} at the end)" if total and la and lb else "")
+            + ". Columns as in the statistics table above; the ground truth and the scores of this "
+              "corpus are not in the repository (the command rebuilds them).")
+        wframe = eval_plots.stats_frame(srows)
+        wfmt = {c: st.column_config.NumberColumn(format="%+.3f") for c in wframe.columns
+                if c.startswith("LDS") or c.startswith("minus STRIDE")}
+        wfmt.update({c: st.column_config.NumberColumn(format="%.2g") for c in wframe.columns
+                     if c.startswith("Wilcoxon p")})
+        st.dataframe(wframe, hide_index=True, width="stretch", key="eval_second_corpus", column_config=wfmt)
 
 # ----------------------------------------------------------------------------- one query
 st.subheader("One query: predicted effect vs. retrained loss")

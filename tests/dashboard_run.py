@@ -127,7 +127,8 @@ def open_page(page: str | None = None, root: Path = ROOT, **params: str):
 
 def fresh_clone(tmp_path: Path) -> Path:
     """What a fresh clone holds for the Evaluate page: the pages and the committed LDS results
-    (lds.json, its ground truth, the scores), no benchmarks/work/; returns the clone's root."""
+    (lds.json, its ground truth, the scores, the second corpus's lds_wordnet.json), no
+    benchmarks/work/; returns the clone's root."""
     clone = tmp_path / "clone"
     clone.mkdir()
     for name in ("app.py", "pages", ".streamlit"):
@@ -140,4 +141,6 @@ def fresh_clone(tmp_path: Path) -> Path:
     ground_truth = json.loads((results / "lds.json").read_text())["ground_truth"]
     shutil.copytree(ROOT / ground_truth, clone / ground_truth)
     shutil.copytree(results / "lds_scores", dst / "lds_scores")
+    if (results / "lds_wordnet.json").exists():
+        shutil.copy(results / "lds_wordnet.json", dst / "lds_wordnet.json")
     return clone

@@ -295,6 +295,12 @@ def test_evaluate_page_on_a_fresh_clone_shows_the_committed_methods(tmp_path, mo
         for name, r in report["twin"]["methods"].items():
             if r["status"] == "ok":
                 assert shown_twin.loc[name, "LDS twin (test)"] == pytest.approx(r["lds_mean_test"], abs=1e-12)
+                assert shown_twin.loc[name, "settings"].startswith(
+                    f"tuned choice of {r['choice_of']}" if r.get("choice_of") else "committed default")
+        choice = report["twin"]["target"].get("choice")
+        if choice:  # the target on STRIDE's tuned choice too
+            keep = f"its tuned choice {choice['stride_method']} keeps {choice['stride_twin'] / choice['stride_trained']:.0%}"
+            assert any(keep in el.value for el in at.markdown)
         assert any("Noise ceiling" in el.value for el in at.markdown) == bool(report.get("noise_ceiling"))
     if report.get("tuning"):  # every setting tried, development queries; the choices on test
         shown = [d.value for d in at.dataframe if "setting" in d.value.columns and "chosen" in d.value.columns]

@@ -236,3 +236,37 @@ def test_settings_are_chosen_on_the_development_queries_only(monkeypatch):
     assert a["minus_default_dev"]["mean"] == pytest.approx(0.2)
     assert "minus_default_dev" not in got["stride"]["settings"][0]
     assert got["stride"]["seconds"] == pytest.approx(3 * (1.0 + 0.5 * 4))
+
+
+def test_on_the_twin_a_trak_ensemble_member_is_the_recipe_model_never_trained(monkeypatch, tmp_path):
+    """The twin runs the tuned choices too: a TRAK checkpoint 'seed:N' is, on the twin, the
+    recipe's model as initialised from seed N (not the trained ensemble member)."""
+    import torch
+
+    from stride_viz.data.models import load_model
+    from stride_viz.evaluation.retrain import init_model, open_inputs
+
+    lds = _lds_module()
+    monkeypatch.delenv("LDS_PEER_SETTINGS", raising=False)
+    monkeypatch.setattr(lds, "ROOT", tmp_path)
+    twin = lds.Layout(lds.GT_DIR, tmp_path / "lds_model_twin", tmp_path / "scores", tmp_path / "run")
+    monkeypatch.setattr(lds, "TWIN", twin)
+    monkeypatch.setattr(lds, "_ensemble_model", lambda seed: pytest.fail("the twin must not train a member"))
+    base, over = lds.peer_settings("trak:ens2", twin)
+    assert base == "trak" and over["checkpoints"] == ["lds_model_twin_seed1"]
+    meta, _, _, tok = open_inputs(lds.GT_DIR)
+    member = load_model(str(tmp_path / "lds_model_twin_seed1"), device="cpu").model.state_dict()
+    want = init_model({**meta["recipe"], "seed": 1}, tok).state_dict()
+    other = init_model({**meta["recipe"], "seed": meta["recipe"]["seed"]}, tok).state_dict()
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(member[key], want[key]) and not torch.equal(member[key], other[key])
+
+
+def test_the_twin_step_reads_the_tuning_choices_from_the_report():
+    lds = _lds_module()
+    report = {"tuning": {"methods": {"stride": {"chosen": "stride:e6"}, "ekfac": {"chosen": "ekfac"},
+                                     "trak": {"chosen": None}}}}
+    assert lds.tuning_choices(report) == {"stride": "stride:e6"}  # a default choice is run anyway
+    committed = json.loads((ROOT / "benchmarks" / "results" / "lds.json").read_text())
+    assert lds.tuning_choices() == {b: c["chosen"] for b, c in committed["tuning"]["methods"].items()
+                                    if c["chosen"] != b}

@@ -1,6 +1,7 @@
 """stride_viz.evaluation.stats against known cases: Spearman, bootstrap intervals, Wilcoxon."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -204,8 +205,17 @@ def test_evaluate_page_shows_the_committed_statistics(tmp_path, monkeypatch):
     monkeypatch.setenv("STRIDE_VIZ_HOME", str(tmp_path / "home"))
     at = open_page("pages/4_Evaluate.py", root=clone)
     frames = [f.value for f in at.dataframe if "Wilcoxon p" in f.value.columns]
-    # the committed defaults' statistics, then (if the report has them) the tuned choices'
-    assert len(frames) == 1 + bool((report.get("tuning") or {}).get("test"))
+    # the committed defaults' statistics, then (if the report has them) the tuned choices', then
+    # the second corpus's (benchmarks/results/lds_wordnet.json)
+    second = json.loads((RESULTS / "lds_wordnet.json").read_text())
+    assert len(frames) == 2 + bool((report.get("tuning") or {}).get("test"))
+    shown = frames[-1].set_index("method")
+    for m, r in second["methods"].items():
+        assert shown.loc[m, "LDS (test)"] == pytest.approx(r["test"]["mean"])
+        if m != "stride":
+            assert shown.loc[m, "minus STRIDE"] == pytest.approx(r["vs_stride"]["mean_difference"])
+    assert any("WordNet" in s.value for s in at.subheader)
+    assert any(second["command"] in md.value for md in at.markdown)
     table = frames[0].set_index("method")
     for m, r in report["methods"].items():
         if r["status"] != "ok" or "test" not in r or m.startswith("stride:"):
@@ -309,6 +319,19 @@ def test_committed_noise_ceiling_and_twin_recompute_from_the_committed_files():
         assert r["trained_lds_mean_test"] == pytest.approx(trained["lds_mean_test"], abs=1e-12)
     t = twin["target"]
     assert t["met"] == (t["stride_twin"] <= 0.5 * t["stride_trained"])
+    # every tuned method's choice (other than its default) ran on the twin as well, and the
+    # target is checked on STRIDE's choice too
+    chosen = {b: c["chosen"] for b, c in report["tuning"]["methods"].items() if c["chosen"] != b}
+    assert chosen and twin["choices"]["chosen"] == chosen and not twin["choices"]["missing"]
+    for b, m in chosen.items():
+        r = twin["methods"][m]
+        assert r["status"] == "ok" and r["choice_of"] == b
+        assert r["twin_over_trained"] == pytest.approx(r["lds_mean_test"] / r["trained_lds_mean_test"])
+        assert report["methods"][m]["twin"]["lds_mean_test"] == r["lds_mean_test"]
+    c = t["choice"]
+    assert c["stride_method"] == chosen["stride"]
+    assert c["stride_twin"] == twin["methods"][chosen["stride"]]["lds_mean_test"]
+    assert c["met"] == (c["stride_twin"] <= 0.5 * c["stride_trained"])
 
 
 def test_twin_frame_lists_trained_twin_and_ceiling_share():
@@ -319,13 +342,17 @@ def test_twin_frame_lists_trained_twin_and_ceiling_share():
                        "groups": {"heldout": 0.05, "facts": 0.2}},
             "tfidf": {"status": "ok", "trained_lds_mean_test": 0.3, "lds_mean_test": 0.3,
                       "ci_queries": [0.2, 0.4], "twin_over_trained": 1.0, "groups": {"heldout": 0.3}},
-            "trak": {"status": "failed", "error": "x"}}
+            "trak": {"status": "failed", "error": "x"},
+            "stride:e6": {"status": "ok", "trained_lds_mean_test": 0.4, "lds_mean_test": 0.3, "choice_of": "stride",
+                          "ci_queries": [0.2, 0.4], "twin_over_trained": 0.75, "groups": {}}}
     ceiling = {"methods_same_subsets": {"stride": {"lds_mean_test": 0.45, "fraction_of_ceiling": 0.6}}}
     df = twin_frame(twin, ceiling)
-    assert list(df["method"]) == ["stride", "tfidf"]            # best trained first, failures left out
+    assert list(df["method"]) == ["stride", "stride:e6", "tfidf"]  # best trained first, failures left out
+    assert list(df["settings"]) == ["committed default", "tuned choice of stride (development queries)",
+                                    "committed default"]
     assert df.loc[0, "twin / trained"] == 0.2 and df.loc[0, "twin 95% CI, queries"] == "[+0.050, +0.150]"
-    assert df.loc[0, "share of the noise ceiling"] == 0.6 and np.isnan(df.loc[1, "share of the noise ceiling"])
-    assert df.loc[0, "twin, planted facts"] == 0.2 and np.isnan(df.loc[1, "twin, planted facts"])
+    assert df.loc[0, "share of the noise ceiling"] == 0.6 and np.isnan(df.loc[2, "share of the noise ceiling"])
+    assert df.loc[0, "twin, planted facts"] == 0.2 and np.isnan(df.loc[2, "twin, planted facts"])
 
 
 def test_committed_tuning_is_chosen_on_development_and_recomputes_on_test():

@@ -176,15 +176,19 @@ def stats_frame(methods: Mapping[str, dict]) -> pd.DataFrame:
 
 def twin_frame(twin: Mapping[str, dict], ceiling: Optional[Mapping] = None) -> pd.DataFrame:
     """Model dependence, test queries: per method (the "twin"."methods" entries of an lds.json
-    report) its LDS on the trained model and on the random-weight twin, their ratio and the
-    twin's LDS by query group; with ``ceiling`` (the report's "noise_ceiling"), each method's
-    LDS on the ceiling's subsets and its share of the ceiling. Best trained LDS first."""
+    report) its settings (the committed default, or the tuned choice of ``choice_of``), its LDS
+    on the trained model and on the random-weight twin, their ratio and the twin's LDS by query
+    group; with ``ceiling`` (the report's "noise_ceiling"), each method's LDS on the ceiling's
+    subsets and its share of the ceiling. Best trained LDS first."""
     same = (ceiling or {}).get("methods_same_subsets", {})
     rows = []
     for m, r in twin.items():
         if r.get("status", "ok") != "ok":
             continue
-        row = {"method": m, "LDS trained (test)": r.get("trained_lds_mean_test", np.nan),
+        row = {"method": m,
+               "settings": (f"tuned choice of {r['choice_of']} (development queries)" if r.get("choice_of")
+                            else "committed default"),
+               "LDS trained (test)": r.get("trained_lds_mean_test", np.nan),
                "LDS twin (test)": r["lds_mean_test"], "twin 95% CI, queries": _interval(r.get("ci_queries")),
                "twin / trained": r.get("twin_over_trained", np.nan)}
         for g, label in GROUP_LABELS.items():
