@@ -1406,7 +1406,8 @@ def main() -> None:
                                                   "the committed results use none)")
     g.add_argument("--settings", default="{}",
                    help='JSON {method: settings} differing from the committed defaults, e.g. '
-                        '\'{"stride": {"fit": {"subsets": 64}}}\' (recorded in RESULT.json; tests only)')
+                        '\'{"stride": {"fit": {"solver": "gauss-newton"}}}\' (recorded in RESULT.json): the demo\'s '
+                        'tuned choices carried to another pool (lds_wordnet_choices.json), tiny fits in tests')
     ap.add_argument("--steps", default="prepare,model,retrain,noise,methods,twin,report",
                     help="the demo's steps (twin: every --methods on the random-weight twin, "
                          "the tuning choices too when --methods is not given; "

@@ -127,7 +127,7 @@ def open_page(page: str | None = None, root: Path = ROOT, **params: str):
 
 def fresh_clone(tmp_path: Path) -> Path:
     """What a fresh clone holds for the Evaluate page: the pages and the committed LDS results
-    (lds.json, its ground truth, the scores, the second corpus's lds_wordnet.json), no
+    (lds.json, its ground truth, the scores, the second corpus's lds_wordnet*.json), no
     benchmarks/work/; returns the clone's root."""
     clone = tmp_path / "clone"
     clone.mkdir()
@@ -141,6 +141,7 @@ def fresh_clone(tmp_path: Path) -> Path:
     ground_truth = json.loads((results / "lds.json").read_text())["ground_truth"]
     shutil.copytree(ROOT / ground_truth, clone / ground_truth)
     shutil.copytree(results / "lds_scores", dst / "lds_scores")
-    if (results / "lds_wordnet.json").exists():
-        shutil.copy(results / "lds_wordnet.json", dst / "lds_wordnet.json")
+    for name in ("lds_wordnet.json", "lds_wordnet_choices.json"):   # the second corpus
+        if (results / name).exists():
+            shutil.copy(results / name, dst / name)
     return clone

@@ -128,3 +128,19 @@ def test_killed_two_process_fit_resumes(tmp_path, tiny_model_dir, pool_file, two
     a = Stride.open(run, device="cpu").operators
     b = Stride.open(two_processes, device="cpu").operators
     assert torch.equal(a.A, b.A) and torch.equal(a.basis, b.basis)   # the uninterrupted fit
+
+
+def test_two_process_closed_form_fit_matches_one_process(tmp_path, tiny_model_dir, pool_file):
+    """solver 'gauss-newton' under torchrun: every rank holds the whole cache after the
+    shared pass, so both ranks compute, and rank 0 writes, the one-process operators."""
+    gn = ["--solver", "gauss-newton"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_fit_args(tiny_model_dir, pool_file, one) + gn) == 0
+    res = _torchrun(_fit_args(tiny_model_dir, pool_file, two) + gn)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads((two / "fit" / "state.json").read_text())
+    assert state["solver"] == "gauss-newton" and state["processes"] == 2
+    a, b = Stride.open(one, device="cpu").operators, Stride.open(two, device="cpu").operators
+    for name in ("A", "basis"):
+        x, y = getattr(a, name).detach(), getattr(b, name).detach()
+        assert torch.allclose(x, y, atol=1e-5 * float(x.abs().max()), rtol=0), (name, (x - y).abs().max())

@@ -23,9 +23,9 @@ The step size ``eta`` keeps every operator in the linear regime: the median oper
 typical token's logits by ``STEP_RMS`` (RMS over C). A response is then, to first order,
 ``y_k = eta / s x sum_{i in A_k} g_x^T H^-1 g_i``: the sum over the subset of a Gauss-Newton
 influence of each member on the query, which is the linear model ``y = M w`` the sparse
-recovery assumes, with no training noise. A full step (eta = 1) is far outside that regime
-(responses of tens of nats on the benchmark, and LDS at chance); measured in the README's
-*Gauss-Newton operators*.
+recovery assumes, with no training noise. A full step (eta = 1) is far outside that regime:
+in the directions of low curvature the damped step is large, and the responses stop adding
+up.
 
 No optimiser, no epochs, no checkpoint: the two passes cost about two forward passes of the
 LM head over the pool's scored tokens. Under torchrun every rank holds the whole cache and
