@@ -30,7 +30,8 @@ held-out text), the target check at k = 10 and the seed noise.
     python benchmarks/counterfactual.py --queries 16 --methods stride,ekfac,random --k 10
     python benchmarks/counterfactual.py --noise-seed 1 --queries 16
     python benchmarks/counterfactual.py --queries 16 --methods tfidf --k 10
-    python benchmarks/counterfactual.py --assemble
+    python benchmarks/counterfactual.py --queries 16 --methods stride,ekfac,random --k 50
+    python benchmarks/counterfactual.py --assemble   # writes the json, prints the README tables
 
 Each retrain is a full-pool training (~45-90 s on one core): the sample is small, and the
 report says how small.
