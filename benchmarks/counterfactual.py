@@ -30,7 +30,8 @@ held-out text), the target check at k = 10 and the seed noise.
     python benchmarks/counterfactual.py --queries 16 --methods stride,ekfac,random --k 10
     python benchmarks/counterfactual.py --noise-seed 1 --queries 16
     python benchmarks/counterfactual.py --queries 16 --methods tfidf --k 10
-    python benchmarks/counterfactual.py --assemble
+    python benchmarks/counterfactual.py --queries 16 --methods stride,ekfac,random --k 50
+    python benchmarks/counterfactual.py --assemble   # writes the json, prints the README tables
 
 Each retrain is a full-pool training (~45-90 s on one core): the sample is small, and the
 report says how small.
@@ -400,6 +401,10 @@ def assemble(log: Path, out: Path) -> dict:
     return doc
 
 
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 def _ci(x: dict, key: str = "mean_rise") -> str:
     return f"{x[key]:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
 
@@ -410,7 +415,9 @@ def markdown(doc: dict) -> str:
     ks = sorted({int(k) for m in doc["methods"].values() for k in m["k"]})
     lines = ["| method (scores) | " + " | ".join(f"k = {k}: mean rise [95% CI]; n; minus random [95% CI]"
                                                 for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for m, e in doc["methods"].items():
+    order = sorted(doc["methods"], key=lambda m: (doc["methods"][m]["family"] != REFERENCE, m == RANDOM, m))
+    for m in order:
+        e = doc["methods"][m]
         cells = []
         for k in ks:
             c = e["k"].get(str(k))
@@ -427,13 +434,13 @@ def markdown(doc: dict) -> str:
         for name, d in pairs.items():
             g = {x: (f"{_ci(d['groups'][x], 'mean_difference')} (n {d['groups'][x]['n_queries']})"
                      if x in d["groups"] else "-") for x in ("facts", "heldout")}
-            lines.append(f"| {k} | {name} | {_ci(d, 'mean_difference')} | {d['wilcoxon_p']:.3f} | {d['n_queries']} | "
+            lines.append(f"| {k} | {name} | {_ci(d, 'mean_difference')} | {_p(d['wilcoxon_p'])} | {d['n_queries']} | "
                          f"{d['a_higher']} / {d['b_higher']} | {g['facts']} | {g['heldout']} |")
     t = doc.get("target")
     if t:
         lines += ["", f"Target ({t['text']}): **{t['verdict']}**: {t['stride']} {t['stride_mean_rise']:+.3f} against "
                       f"{t['best_peer']} {t['best_peer_mean_rise']:+.3f} nats, difference "
-                      f"{_ci(t['difference'], 'mean_difference')}, Wilcoxon p {t['difference']['wilcoxon_p']:.3f}, "
+                      f"{_ci(t['difference'], 'mean_difference')}, Wilcoxon p {_p(t['difference']['wilcoxon_p'])}, "
                       f"n {t['difference']['n_queries']}."]
     for seed, n in ((doc.get("seed_noise") or {}).get("seeds") or {}).items():
         a, b = n["sampled_queries"], n["test_queries"]
