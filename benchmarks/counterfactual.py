@@ -364,6 +364,14 @@ def seed_noise(rows: list[dict], sample: list[str], test: list[str]) -> Optional
     return out
 
 
+def other_stride_pairs(rows: list[dict], reference: str, n_boot: int = stats.N_BOOT) -> dict:
+    """The paired differences (as ``summarize``'s ``paired``) of every other STRIDE setting in the
+    log, e.g. the tuning's choice before a later round changed it: {setting: {k: {pair: ...}}}."""
+    others = sorted({r["method"] for r in rows if r.get("kind", "removal") == "removal"
+                     and r.get("family", r["method"].split(":")[0]) == REFERENCE and r["method"] != reference})
+    return {m: summarize(rows, m, n_boot)["paired"] for m in others}
+
+
 def assemble(log: Path, out: Path) -> dict:
     from stride_viz.evaluation import metrics as ev
 
@@ -391,6 +399,7 @@ def assemble(log: Path, out: Path) -> dict:
                       "facts ('fact-*') and held-out text; minus_random: the method minus random on the same "
                       "queries and k",
         **result,
+        "paired_other_stride_settings": other_stride_pairs(rows, reference),
         "seed_noise": seed_noise(rows, result["queries"], test),
         "rows": [r for r in rows if r.get("kind", "removal") == "removal"],
         "note": "one retrain per cell (~45-90 s on one shared core); the sample size is in each entry's n_queries",
@@ -430,7 +439,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {m}{src} | " + " | ".join(cells) + " |")
     lines += ["", "| k | pair | mean difference [95% CI] | Wilcoxon p | n | a higher / b higher | planted facts | held-out text |",
               "|---|---|---|---|---|---|---|---|"]
-    for k, pairs in doc["paired"].items():
+    every = [doc["paired"], *(doc.get("paired_other_stride_settings") or {}).values()]
+    for k, pairs in ((k, p) for paired_ in every for k, p in paired_.items()):
         for name, d in pairs.items():
             g = {x: (f"{_ci(d['groups'][x], 'mean_difference')} (n {d['groups'][x]['n_queries']})"
                      if x in d["groups"] else "-") for x in ("facts", "heldout")}

@@ -209,3 +209,18 @@ def test_the_readme_tables_show_every_method_pair_and_the_verdict(cf):
     text = cf.markdown(doc)
     assert "| stride:e6 | +1.250 [" in text and "| 10 | stride:e6 - ekfac | +1.250 [" in text
     assert "**met**" in text and "k = 50" not in text
+
+
+def test_other_stride_settings_keep_their_own_pairs(cf):
+    """A log holding the choice before a later tuning round (stride:e6) and the new one
+    (stride:gn): each is paired with the peers, never with the other STRIDE setting."""
+    rows = _rows({"stride:gn": {q: 2.0 for q in QUERIES}, "stride:e6": {q: 1.0 for q in QUERIES},
+                  "ekfac": {q: 0.5 for q in QUERIES}, "random": {q: 0.0 for q in QUERIES}})
+    other = cf.other_stride_pairs(rows, "stride:gn", n_boot=100)
+    assert set(other) == {"stride:e6"}
+    assert set(other["stride:e6"]["10"]) == {"stride:e6 - ekfac", "stride:e6 - random"}
+    assert other["stride:e6"]["10"]["stride:e6 - ekfac"]["mean_difference"] == pytest.approx(0.5)
+    main = cf.summarize(rows, "stride:gn", n_boot=100)
+    assert set(main["paired"]["10"]) == {"stride:gn - ekfac", "stride:gn - random"}
+    text = cf.markdown({**main, "paired_other_stride_settings": other, "seed_noise": None})
+    assert "| 10 | stride:e6 - ekfac | +0.500 [" in text and "| 10 | stride:gn - ekfac | +1.500 [" in text
