@@ -40,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from stride_viz.config import FitConfig
+from stride_viz.config import ConfigError, FitConfig
 from stride_viz.method.cache import PoolCache
 from stride_viz.method.frozen import FrozenLM
 from stride_viz.method.logits import LOSS_CHUNK_ELEMENTS
@@ -54,13 +54,13 @@ STEP_RMS = 0.01                # logit RMS shift of the median operator on a typ
 EXAMPLE_BLOCK = 256            # examples per block of a pass
 
 
-def _blocks(cache: PoolCache, max_tokens: int):
-    """Contiguous blocks of examples [s, e) whose scored rows number at most ``max_tokens``
-    (one example more when a single one is longer)."""
+def _blocks(cache: PoolCache, max_tokens: int, max_examples: int = EXAMPLE_BLOCK):
+    """Contiguous blocks of at most ``max_examples`` examples [s, e) whose scored rows number at
+    most ``max_tokens`` (one example more when a single one is longer)."""
     s, n = 0, cache.n
     while s < n:
         e = s + 1
-        while e < n and e - s < EXAMPLE_BLOCK and cache.offsets[e + 1] - cache.offsets[s] <= max_tokens:
+        while e < n and e - s < max_examples and cache.offsets[e + 1] - cache.offsets[s] <= max_tokens:
             e += 1
         yield s, e
         s = e
@@ -98,12 +98,14 @@ def gauss_newton_operators(lm: FrozenLM, cache: PoolCache, membership: sp.csr_ma
     K, n = membership.shape
     D, C, r = lm.cut.d_model, int(cache.columns.numel()), config.rank
     if r > D:
-        from stride_viz.config import ConfigError
         raise ConfigError(f"The 'rank' parameter of FitConfig must be at most the model's hidden "
                           f"size ({D}) with solver 'gauss-newton'. Got {r} instead.")
     ops = SteeringOperators(K, D, r, C, torch.Generator().manual_seed(config.seed), rms_scale=False,
                             columns=cache.columns.cpu()).to(device)
-    blocks = list(_blocks(cache, max(1, LOSS_CHUNK_ELEMENTS // max(1, C))))
+    # a block's (tokens x |C|) probabilities and (examples x r x |C|) gradients stay within the
+    # loss budget of a training step
+    blocks = list(_blocks(cache, max(1, LOSS_CHUNK_ELEMENTS // max(1, C)),
+                          max(1, min(EXAMPLE_BLOCK, LOSS_CHUNK_ELEMENTS // max(1, r * C)))))
     timer = StageTimer("fit", 2 * len(blocks), progress)
 
     def check(done: int, what: str) -> None:
