@@ -107,7 +107,7 @@ class FitConfig:
                              "form, through a basis of the hidden states' top principal directions "
                              "(two passes over the pool, no training; the training settings do not "
                              "act). LDS benchmark, development queries: 0.535 against 0.408 (adam); "
-                             "the demo's planted facts: recall@10 0.90 at rank 8, 0.97 at rank 32 "
+                             "the demo's planted facts: recall@10 0.90 at rank 8, 0.95 at 16, 0.97 at 32 "
                              "(adam 0.98).")
     damping: float = _f(0.1, "Solver 'gauss-newton': damping of the Kronecker-factored curvature, as "
                              "a fraction of its mean eigenvalue (smaller: closer to a Newton step, "
