@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stride_viz.evaluation import stats  # noqa: E402
+from stride_viz.integrity import append_jsonl, read_jsonl  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GT_DIR = RESULTS / "lds_ground_truth"
@@ -138,33 +139,13 @@ def read_log(log: Path) -> list[dict]:
     """The rows of a log; a torn last line (a run killed mid-write) is skipped: not done."""
     if not log.exists():
         return []
-    lines = log.read_text().splitlines()
-    rows = []
-    for ln, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if ln == len(lines) - 1:
-                continue
-            raise SystemExit(f"{log}: line {ln + 1} is not valid JSON; remove it and rerun.")
-    return rows
+    return [row for _ln, row in read_jsonl(log, error=SystemExit, fix="remove it and rerun")]
 
 
 def append_row(log: Path, row: dict) -> None:
     """Append one row (flushed at once), cutting a torn last line off first."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a+b") as f:
-        size = f.seek(0, 2)
-        if size:
-            f.seek(size - 1)
-            if f.read(1) != b"\n":
-                f.seek(0)
-                data = f.read()
-                f.truncate(data.rfind(b"\n") + 1)
-        f.write((json.dumps(row) + "\n").encode())
-        f.flush()
+    append_jsonl(log, row)
 
 
 def check_base_model(mean_loss: float, report: dict, tol: float = 1e-6) -> None:

@@ -26,7 +26,8 @@ from typing import Callable, Optional, TypeVar
 
 __all__ = ["RunDamaged", "DiskFull", "atomic_write", "write_text_atomic", "read_checked",
            "safetensors_problem", "set_aside", "sweep_temporaries", "temp_path", "temp_owner",
-           "disk_full", "is_enospc", "pid_alive", "human_bytes", "warn", "warnings_to"]
+           "disk_full", "is_enospc", "pid_alive", "human_bytes", "warn", "warnings_to",
+           "append_jsonl", "read_jsonl"]
 
 T = TypeVar("T")
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-\d+(\..*)?$")
@@ -180,6 +181,39 @@ def read_checked(path: str | Path, read: Callable[[Path], T], fix: str) -> T:
         if type(e).__name__ in ("SafetensorError", "UnpicklingError"):
             raise damaged(path, _reason(e), fix) from None
         raise
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one JSON line to a log of results (flushed at once). A torn last line (no newline:
+    a process killed mid-write, whose result is not done) is cut off first; appended to, it
+    would become an unreadable line in the middle of the file."""
+    with open(path, "a+b") as f:
+        size = f.seek(0, 2)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+        f.write((json.dumps(row) + "\n").encode())
+        f.flush()
+
+
+def read_jsonl(path: str | Path, error: Callable[[str], BaseException] = ValueError, fix: str = ""):
+    """(line index, row) of each line of a log written by :func:`append_jsonl`, blank lines
+    skipped; a torn last line is skipped too (its result is simply not done); an unreadable
+    line elsewhere raises ``error`` with a message naming the file, the line and ``fix``."""
+    lines = Path(path).read_text().splitlines()
+    for ln, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if ln == len(lines) - 1:
+                continue
+            raise error(f"{path}: line {ln + 1} is not valid JSON{'; ' + fix if fix else ''}.") from None
+        yield ln, row
 
 
 def safetensors_problem(path: str | Path) -> Optional[str]:

@@ -34,6 +34,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from stride_viz.integrity import append_jsonl, read_jsonl
+
 __all__ = [
     "LdsResult", "GroundTruth", "GroundTruthError", "lds", "subset_sums", "recall_at_k", "mrr",
     "write_metadata", "read_metadata", "append_result", "read_ground_truth", "export_jsonl",
@@ -243,34 +245,15 @@ def append_result(part_file: str | Path, subset_index: int, train_subset: Sequen
     """Append one retrained subset to a part file (one JSON line, flushed at once). A torn
     last line (no newline: a process killed mid-write, whose subset is not done) is cut off
     first; appended to, it would become an unreadable line in the middle of the file."""
-    line = json.dumps({"subset_index": int(subset_index),
-                       "train_subset": [int(i) for i in train_subset],
-                       "test_loss": [float(v) for v in test_loss]})
-    with open(part_file, "a+b") as f:
-        size = f.seek(0, 2)
-        if size:
-            f.seek(max(0, size - 1))
-            if f.read(1) != b"\n":
-                f.seek(0)
-                data = f.read()
-                f.truncate(data.rfind(b"\n") + 1)
-        f.write((line + "\n").encode())
-        f.flush()
+    append_jsonl(part_file, {"subset_index": int(subset_index),
+                             "train_subset": [int(i) for i in train_subset],
+                             "test_loss": [float(v) for v in test_loss]})
 
 
 def _part_rows(part: Path):
     """(line index, row) of one part file; a torn last line (a process killed mid-write) is
     skipped: its subset is simply not done."""
-    lines = part.read_text().splitlines()
-    for ln, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if ln == len(lines) - 1:
-                continue
-            raise GroundTruthError(f"{part}: line {ln + 1} is not valid JSON.")
+    for ln, row in read_jsonl(part, error=GroundTruthError):
         if "train_subset" not in row or "test_loss" not in row:
             raise GroundTruthError(f"{part}: line {ln + 1} lacks 'train_subset' or "
                                    f"'test_loss'.")
