@@ -268,9 +268,8 @@ class Stride:
             if not cfg.keep_checkpoint:   # the fit is done: its checkpoints are ~3x the operators
                 for name in (CHECKPOINT, PREVIOUS):
                     (self.store.fit_dir / name).unlink(missing_ok=True)
-            if record is not None:
-                write_json(self.store.fit_dir / "state.json", record)
-            state = read_json(self.store.fit_dir / "state.json")
+            # the trainer's checkpoints keep state.json; the closed form has only its record
+            state = record if record is not None else read_json(self.store.fit_dir / "state.json")
             state.update(seconds=time.monotonic() - t0, finished=_now(),
                          truncated_examples=tokens.truncated, processes=distributed.world_size())
             write_json(self.store.fit_dir / "state.json", state)

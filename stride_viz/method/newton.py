@@ -27,8 +27,8 @@ recovery assumes, with no training noise. A full step (eta = 1) is far outside t
 in the directions of low curvature the damped step is large, and the responses stop adding
 up.
 
-No optimiser, no epochs, no checkpoint: the two passes cost about two forward passes of the
-LM head over the pool's scored tokens. Under torchrun every rank holds the whole cache and
+No optimiser, no epochs, no checkpoint: pass 1 reads only the cached hidden states, pass 2 is
+one forward pass of the LM head over the pool's scored tokens. Under torchrun every rank holds the whole cache and
 computes the same operators.
 """
 from __future__ import annotations
@@ -66,28 +66,21 @@ def _blocks(cache: PoolCache, max_tokens: int, max_examples: int = EXAMPLE_BLOCK
         s = e
 
 
-@torch.no_grad()
-def _token_pieces(lm: FrozenLM, cache: PoolCache, ops: SteeringOperators, s: int, e: int,
-                  temperature: float = 1.0):
-    """The scored tokens of examples s..e-1 in pieces of at most LOSS_CHUNK_ELEMENTS logits:
-    (hn (T, D) RMS-normalised h_L, p (T, |C|) base probabilities of C at ``temperature``,
-    target column (T,), example of each token (T,), relative to s)."""
-    lo, hi = int(cache.offsets[s]), int(cache.offsets[e])
-    rows = np.arange(lo, hi)
+def _token_pieces(cache: PoolCache, s: int, e: int, step: int):
+    """The scored rows of examples s..e-1 in pieces of at most ``step`` rows: (row indices,
+    the example of each row relative to s). Every row of a logits-space cache is scored."""
+    rows = np.arange(int(cache.offsets[s]), int(cache.offsets[e]))
     example = np.repeat(np.arange(e - s), np.diff(cache.offsets[s:e + 1]))
-    keep = cache.scored[lo:hi] if not cache.scored_only else np.ones(hi - lo, dtype=bool)
-    rows, example = rows[keep], example[keep]
-    step = max(1, LOSS_CHUNK_ELEMENTS // lm.cut.vocab)
-    cols = cache.columns
     for a in range(0, rows.size, step):
-        r = rows[a:a + step]
-        h = cache.final.take(r)
-        _, col = cache.targets_at(r)
-        p = torch.softmax(lm.logits(h).float() / temperature, -1)
-        p = p[:, cols] if cols.numel() < p.shape[1] else p
-        yield h.float() / ops._rms(h), p, col, torch.as_tensor(example[a:a + step], device=h.device)
+        yield rows[a:a + step], example[a:a + step]
 
 
+def _normalised(ops: SteeringOperators, h: torch.Tensor) -> torch.Tensor:
+    """h / RMS(h), as the operators' basis reads it."""
+    return h.float() / ops._rms(h)
+
+
+@torch.no_grad()
 def gauss_newton_operators(lm: FrozenLM, cache: PoolCache, membership: sp.csr_matrix, config: FitConfig,
                            progress: Callable[..., None] = no_progress,
                            should_stop: Callable[[], bool] = lambda: False) -> tuple[SteeringOperators, dict]:
@@ -114,41 +107,50 @@ def gauss_newton_operators(lm: FrozenLM, cache: PoolCache, membership: sp.csr_ma
                             "partial state (the pass is cheap): run the same command again")
         timer.update(done, what)
 
-    # pass 1: second moment of the normalised hidden states, mean probabilities of C
+    step_rows = max(1, LOSS_CHUNK_ELEMENTS // lm.cut.vocab)   # full-vocabulary logits per piece
+
+    # pass 1 (the cached hidden states only): their second moment, whose top directions are the basis
     second = torch.zeros(D, D, dtype=torch.float64, device=device)
-    mean_p = torch.zeros(C, dtype=torch.float64, device=device)
     n_tok = 0
     for b, (s, e) in enumerate(blocks):
-        for hn, p, _, _ in _token_pieces(lm, cache, ops, s, e, config.fidelity_temperature):
+        for rows, _ in _token_pieces(cache, s, e, step_rows):
+            hn = _normalised(ops, cache.final.take(rows))
             second += (hn.T @ hn).double()
-            mean_p += p.sum(0).double()
             n_tok += hn.shape[0]
         check(b + 1, f"curvature: block {b + 1}/{len(blocks)}")
     second /= max(1, n_tok)
-    mean_p /= max(1, n_tok)
     evals, evecs = torch.linalg.eigh(second)
     order = torch.argsort(evals, descending=True)[:r]
     basis = evecs[:, order].T.float()                              # (r, D), orthonormal rows
     a = evals[order].clamp_min(0).float()                          # variances of the features
-    d = mean_p.float()
     ops.basis.data.copy_(basis)
 
-    # pass 2: per operator, the sum over its examples of d(mean token loss)/dA at A = 0
+    # pass 2 (one pass of the LM head): the mean probabilities of C (the output factor) and, per
+    # operator, the sum over its examples of d(mean token loss)/dA at A = 0
     member_of = torch.as_tensor(subsets_of(membership), device=device)        # (n, d)
     lengths = torch.as_tensor(cache.scored_lengths(), device=device).clamp_min(1).float()
     grad = torch.zeros(K, r, C, device=device)
+    mean_p = torch.zeros(C, dtype=torch.float64, device=device)
+    cols = cache.columns
     for b, (s, e) in enumerate(blocks):
         G = torch.zeros(e - s, r, C, device=device)
-        for hn, p, col, ex in _token_pieces(lm, cache, ops, s, e, config.fidelity_temperature):
+        for rows, example in _token_pieces(cache, s, e, step_rows):
+            h = cache.final.take(rows)
+            _, col = cache.targets_at(rows)
+            p = torch.softmax(lm.logits(h).float() / config.fidelity_temperature, -1)
+            p = p[:, cols] if cols.numel() < p.shape[1] else p
+            mean_p += p.sum(0).double()
+            ex = torch.as_tensor(example, device=device)
             g = p.clone()                                          # d loss / d logits_C = p - onehot
             ok = col >= 0
             g[ok.nonzero().squeeze(1), col[ok]] -= 1.0
-            z = (hn @ basis.T) / lengths[s + ex].unsqueeze(1)      # (T, r), each example's mean
+            z = (_normalised(ops, h) @ basis.T) / lengths[s + ex].unsqueeze(1)   # (T, r), each example's mean
             for j in range(r):
                 G[:, j].index_add_(0, ex, z[:, j:j + 1] * g)
         for slot in range(member_of.shape[1]):
             grad.index_add_(0, member_of[s:e, slot], G)
         check(len(blocks) + b + 1, f"operators: block {b + 1}/{len(blocks)}")
+    d = (mean_p / max(1, n_tok)).float()
 
     size = float(membership.sum()) / K                             # mean subset size
     lam = config.damping * float(a.mean()) * float(d.mean())
