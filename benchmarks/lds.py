@@ -390,36 +390,24 @@ def _variant(method: str) -> tuple[dict, dict]:
     return spec.get("fit", {}), spec.get("recovery", {})
 
 
-def _ensemble_model(seed: int) -> Path:
-    """The recipe's model trained on the whole pool with another seed (a TRAK ensemble
-    member): WORK/lds_model_seed<seed>, trained once (about a minute)."""
-    from stride_viz.evaluation.retrain import open_inputs, train_recipe
+def _ensemble_model(seed: int, trained: bool = True) -> Path:
+    """A TRAK ensemble member: the recipe's model trained on the whole pool with another seed
+    (WORK/lds_model_seed<seed>, trained once, about a minute), or, for the random-weight twin
+    (``trained`` False), the recipe's model as initialised from ``seed`` (``retrain.init_model``),
+    never trained, like the twin itself (WORK/lds_model_twin_seed<seed>)."""
+    from stride_viz.evaluation.retrain import init_model, open_inputs, train_recipe
 
-    path = MODEL_DIR.with_name(f"{MODEL_DIR.name}_seed{seed}")
+    base = MODEL_DIR if trained else TWIN.model
+    path = base.with_name(f"{base.name}_seed{seed}")
     if not (path / "config.json").exists():
         meta, pool, _, tok = open_inputs(GT_DIR)
-        model = train_recipe({**meta["recipe"], "seed": seed}, tok, pool)
+        recipe = {**meta["recipe"], "seed": seed}
+        model = train_recipe(recipe, tok, pool) if trained else init_model(recipe, tok)
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(path)
         tok.save_pretrained(path)
-        _log(f"ensemble member (recipe seed {seed}) -> {path}")
-    return path
-
-
-def _twin_ensemble_model(seed: int) -> Path:
-    """A TRAK ensemble member of the random-weight twin: the recipe's model as initialised
-    from ``seed`` (``retrain.init_model``), never trained, like the twin itself (seed 0):
-    WORK/lds_model_twin_seed<seed>."""
-    from stride_viz.evaluation.retrain import init_model, open_inputs
-
-    path = TWIN.model.with_name(f"{TWIN.model.name}_seed{seed}")
-    if not (path / "config.json").exists():
-        meta, _, _, tok = open_inputs(GT_DIR)
-        model = init_model({**meta["recipe"], "seed": seed}, tok)
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        _log(f"twin ensemble member (recipe seed {seed}, never trained) -> {path}")
+        _log(f"{'ensemble' if trained else 'twin ensemble'} member (recipe seed {seed}"
+             f"{'' if trained else ', never trained'}) -> {path}")
     return path
 
 
@@ -428,7 +416,7 @@ def peer_settings(method: str, L: "Layout") -> tuple[str, dict]:
     'PEER:NAME': PEER_SETTINGS, then LDS_PEER_SETTINGS, then the general command's
     --settings, then the variant's spec. A TRAK checkpoint 'seed:S' is the recipe's model
     trained with seed S (``_ensemble_model``); on the random-weight twin (``L`` is TWIN), the
-    recipe's model as initialised from seed S, never trained (``_twin_ensemble_model``)."""
+    recipe's model as initialised from seed S, never trained."""
     base = method.split(":", 1)[0]
     over = {**PEER_SETTINGS.get(base, {}),
             **json.loads(os.environ.get("LDS_PEER_SETTINGS", "{}")).get(base, {}),
@@ -436,8 +424,8 @@ def peer_settings(method: str, L: "Layout") -> tuple[str, dict]:
     if method != base:
         over.update(_spec(method))
     if over.get("checkpoints"):
-        member = _twin_ensemble_model if L is TWIN else _ensemble_model
-        over["checkpoints"] = [_rel(member(int(c.split(":", 1)[1]))) if str(c).startswith("seed:")
+        over["checkpoints"] = [_rel(_ensemble_model(int(c.split(":", 1)[1]), trained=L is not TWIN))
+                               if str(c).startswith("seed:")
                                else c for c in over["checkpoints"]]
     return base, over
 

@@ -251,7 +251,8 @@ def test_on_the_twin_a_trak_ensemble_member_is_the_recipe_model_never_trained(mo
     monkeypatch.setattr(lds, "ROOT", tmp_path)
     twin = lds.Layout(lds.GT_DIR, tmp_path / "lds_model_twin", tmp_path / "scores", tmp_path / "run")
     monkeypatch.setattr(lds, "TWIN", twin)
-    monkeypatch.setattr(lds, "_ensemble_model", lambda seed: pytest.fail("the twin must not train a member"))
+    import stride_viz.evaluation.retrain as retrain
+    monkeypatch.setattr(retrain, "train_recipe", lambda *a, **k: pytest.fail("the twin must not train a member"))
     base, over = lds.peer_settings("trak:ens2", twin)
     assert base == "trak" and over["checkpoints"] == ["lds_model_twin_seed1"]
     meta, _, _, tok = open_inputs(lds.GT_DIR)
