@@ -20,6 +20,7 @@ Three parts, each (setting, method) in its own process, peak memory read from th
     python benchmarks/scale.py --parts vocab,pool
     python benchmarks/scale.py --parts vocab --methods stride --limit 2400
     python benchmarks/scale.py --parts vocab --shapes gpt2-small --methods stride:gn   # closed-form operators
+    python benchmarks/scale.py --parts vocab --shapes gpt2-small --methods stride:rgn  # the same, residual mode
     python benchmarks/scale.py --parts cold     # only re-time the 3 cold queries of the runs
 
 Results: benchmarks/results/scale.json.
@@ -47,7 +48,10 @@ SHAPES = {
                          num_key_value_heads=2, intermediate_size=4864, vocab_size=151936),
 }
 # STRIDE's settings by method name: the defaults, and the operators in closed form
-STRIDE_VARIANTS = {"stride": {}, "stride:gn": {"solver": "gauss-newton"}}
+# "layer": "last" -> the shape's own depth (the residual shift after the last block)
+STRIDE_VARIANTS = {"stride": {}, "stride:gn": {"solver": "gauss-newton"},
+                   "stride:rgn": {"solver": "gauss-newton", "mode": "residual", "residual_design": "linear",
+                                  "rank": 64, "damping": 0.01, "layer": "last"}}
 TOKENIZER_VOCAB = 8192
 MAX_LENGTH = 64
 N_QUERIES = 4
@@ -149,7 +153,10 @@ def worker_vocab(shape: str, method: str, n_pool: int) -> dict:
 
     run_dir = WORK / f"run-{shape}-{n_pool}{method[len('stride'):].replace(':', '-')}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = FitConfig(max_length=MAX_LENGTH, **STRIDE_VARIANTS[method])
+    overrides = dict(STRIDE_VARIANTS[method])
+    if overrides.get("layer") == "last":
+        overrides["layer"] = lm.model.config.get_text_config().num_hidden_layers
+    config = FitConfig(max_length=MAX_LENGTH, **overrides)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
 

@@ -102,13 +102,15 @@ class FitConfig:
                                  "loss over the tokens left out stays exact.")
     solver: str = _f("adam", "How the operators are fitted. 'adam': trained jointly with the basis by "
                              "AdamW on the fidelity, stability and linearity losses (epochs, lr, ...); "
-                             "'gauss-newton' (logits mode, vocabulary 'pool' or 'full'): each operator "
-                             "is one damped Gauss-Newton step of its subset's fidelity loss, in closed "
-                             "form, through a basis of the hidden states' top principal directions "
-                             "(two passes over the pool, no training; the training settings do not "
-                             "act). LDS benchmark, development queries: 0.535 against 0.408 (adam); "
-                             "the demo's planted facts: recall@10 0.90 at rank 8, 0.95 at 16, 0.97 at 32 "
-                             "(adam 0.98).")
+                             "'gauss-newton' (logits mode with vocabulary 'pool' or 'full', or residual "
+                             "mode with residual_design 'linear'): each operator is one damped "
+                             "Gauss-Newton step of its subset's fidelity loss, in closed form, through a "
+                             "basis of the hidden states' top principal directions (two passes over the "
+                             "pool, no training; the training settings do not act). LDS benchmark, "
+                             "development queries: logits 0.535 against 0.408 (adam); residual (rank 64, "
+                             "after the last block) 0.267 against -0.002 (adam). The demo's planted "
+                             "facts, recall@10: logits 0.90 at rank 8, 0.95 at 16, 0.97 at 32 (adam "
+                             "0.98); residual 0.83 at rank 64 after the last block (adam, memory: 0.65).")
     damping: float = _f(0.1, "Solver 'gauss-newton': damping of the Kronecker-factored curvature, as "
                              "a fraction of its mean eigenvalue (smaller: closer to a Newton step, "
                              "noisier).")
@@ -190,10 +192,13 @@ class FitConfig:
         _check_choice(self, "vocabulary")
         _check_choice(self, "solver")
         _check_range(self, "damping", 0, 1e6, lo_open=True)
-        if self.solver == "gauss-newton" and (self.mode != "logits" or self.vocabulary == "subset"):
+        if self.solver == "gauss-newton" and not (
+                (self.mode == "logits" and self.vocabulary != "subset")
+                or (self.mode == "residual" and self.residual_design == "linear")):
             raise ConfigError(f"The 'solver' 'gauss-newton' works in mode 'logits' with vocabulary "
-                              f"'pool' or 'full'; got mode {self.mode!r} and vocabulary "
-                              f"{self.vocabulary!r}: use solver 'adam' there.")
+                              f"'pool' or 'full', or in mode 'residual' with residual_design "
+                              f"'linear'; got mode {self.mode!r}, vocabulary {self.vocabulary!r}, "
+                              f"residual_design {self.residual_design!r}: use solver 'adam' there.")
         _check_range(self, "warmup", 0, 1)
         _check_range(self, "linearity_operators", 1, 1_000_000, integer=True)
         _check_range(self, "cache_memory_mb", 0, None)

@@ -297,21 +297,24 @@ def test_an_unknown_output_transform_is_refused(models):
         model.__class__ = Doubled.__mro__[1]
 
 
+@pytest.mark.parametrize("mode", ["logits", "residual"])
 @pytest.mark.parametrize("family", FIT_FAMILIES)
-def test_closed_form_operators_fit_every_family(models, tokenizer, family):
+def test_closed_form_operators_fit_every_family(models, tokenizer, family, mode):
     """solver 'gauss-newton' on each family's own output (soft-capping, logit scaling, a
-    projected head): finite operators that lower their own subset's loss on their examples."""
+    projected head) and, in residual mode, through its blocks (a mixture of experts too):
+    finite operators that lower their own subset's loss on their examples."""
     from stride_viz.method.newton import gauss_newton_operators
 
     lm = FrozenLM(models(family), layer=1)
     docs = DOCS * 2
     tokens = tokenize_pool(tokenizer, [""] * len(docs), docs, max_length=32)
     membership = design_subsets(len(docs), 8, 2, seed=0)
-    config = FitConfig(subsets=8, per_example=2, rank=2, solver="gauss-newton", device="cpu")
-    ops, record = gauss_newton_operators(lm, build_cache(lm, tokens, "logits"), membership, config)
+    config = FitConfig(subsets=8, per_example=2, rank=2, solver="gauss-newton", device="cpu", mode=mode,
+                       residual_design="linear")
+    ops, record = gauss_newton_operators(lm, build_cache(lm, tokens, mode), membership, config)
     A = ops.A.detach()
     assert torch.isfinite(A).all() and float(A.abs().sum()) > 0 and record["step_scale"] > 0
     enc = encode(tokenizer, [""], [docs[0]], 32)
-    y = measure(lm, ops.eval(), "logits", enc)[0].responses
+    y = measure(lm, ops.eval(), mode, enc)[0].responses
     own = membership[:, 0].toarray().ravel() > 0             # the operators holding document 0
     assert y[own].mean() > y[~own].mean()                     # they lower its loss the most

@@ -117,6 +117,9 @@ def test_settings_check_the_solver():
         FitConfig(solver="lbfgs")
     with pytest.raises(ConfigError, match="gauss-newton.*mode 'logits'.*use solver 'adam'"):
         FitConfig(solver="gauss-newton", mode="residual")
+    with pytest.raises(ConfigError, match="or in mode 'residual' with residual_design 'linear'"):
+        FitConfig(solver="gauss-newton", mode="residual", residual_design="memory")
+    assert FitConfig(solver="gauss-newton", mode="residual", residual_design="linear").mode == "residual"
     with pytest.raises(ConfigError, match="gauss-newton.*vocabulary 'subset'"):
         FitConfig(solver="gauss-newton", vocabulary="subset")
     with pytest.raises(ConfigError, match="'damping'"):
@@ -145,3 +148,84 @@ def test_cli_fits_in_closed_form(tmp_path, tiny_model_dir, tiny_pool, capsys):
     assert meta["config"]["solver"] == "gauss-newton" and meta["config"]["damping"] == 0.3
     assert json.loads((run / "fit" / "state.json").read_text())["solver"] == "gauss-newton"
     assert (run / "operators.safetensors").exists()
+
+
+RESIDUAL_GN = dict(GN_FIT, mode="residual", residual_design="linear", rank=16)
+
+
+@pytest.fixture(scope="module")
+def residual_gn_run(tmp_path_factory, tiny_model, tiny_pool):
+    run = Stride.create_or_open(tmp_path_factory.mktemp("rgn") / "run", tiny_model, tiny_pool,
+                                FitConfig(**RESIDUAL_GN))
+    run.fit()
+    return run
+
+
+def test_residual_operators_are_the_damped_kfac_step(residual_gn_run, tiny_pool):
+    """Residual mode: each operator is the damped step of its subset's mean token loss in A
+    (r x D), the gradient by autograd through the blocks above the cut, the curvature K-FAC's
+    E[u u^T] (x) E[g~ g~^T] with g~ for next tokens sampled from the model (here 16 draws per
+    position, the fit draws one)."""
+    run = residual_gn_run
+    lm, ops = run.lm, run.operators
+    state = json.loads((run.store.fit_dir / "state.json").read_text())
+    assert state["solver"] == "gauss-newton" and state["curvature"] == "kfac-sampled"
+    B = ops.basis.detach()
+    r, D = B.shape
+    assert ops.A.shape[1:] == (r, D)                       # whatever the vocabulary
+    enc = encode(run.model.tokenizer, list(tiny_pool.prompts), list(tiny_pool.completions),
+                 min(run.config.max_length, run.max_tokens))
+    gen = torch.Generator().manual_seed(1)
+    grads, f_in, f_out, n_rows = [], torch.zeros(r, r), torch.zeros(D, D), 0
+    for i in range(len(tiny_pool)):
+        L = int(enc.attention_mask[i].sum())
+        ids, att = enc.input_ids[i:i + 1, :L], enc.attention_mask[i:i + 1, :L]
+        where = torch.nonzero(enc.loss_mask[i, :L] > 0).squeeze(1)
+        with torch.no_grad():
+            h = lm.hidden(ids, att)[0].float()[0]                  # (L, D) after block `layer`
+        rms = torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        u = rms * ((h / rms) @ B.T)                                # (L, r)
+        A0 = torch.zeros(r, D, requires_grad=True)
+        hh = h.clone().requires_grad_(True)
+        logp = torch.log_softmax(lm.logits(lm.upper_hidden((hh + u @ A0)[None], ids, att))[0], -1)[where]
+        loss = F.nll_loss(logp, ids[0, where + 1])
+        grads.append(torch.autograd.grad(loss, A0, retain_graph=True)[0])
+        for _ in range(16):
+            drawn = torch.multinomial(logp.detach().exp(), 1, generator=gen).squeeze(1)
+            g = torch.autograd.grad(F.nll_loss(logp, drawn), hh, retain_graph=True)[0]
+            f_out += g.T @ g / 16
+        f_in += u.T @ u
+        n_rows += L
+    e_in, q_in = torch.linalg.eigh(f_in / n_rows)
+    e_out, q_out = torch.linalg.eigh(f_out / n_rows)
+    M = torch.as_tensor(run.membership.toarray(), dtype=torch.float32)
+    G = torch.einsum("kn,nrd->krd", M, torch.stack(grads)) / (float(M.sum()) / M.shape[0])
+    lam = FitConfig().damping * float(e_in.mean()) * float(e_out.mean())
+    X = torch.einsum("sr,ksd,de->kre", q_in, G, q_out) / (e_in[:, None] * e_out[None, :] + lam)
+    expected = -torch.einsum("rs,kse,de->krd", q_in, X, q_out)
+    got = ops.A.detach() / state["step_scale"]
+    cos = F.cosine_similarity(got.reshape(len(got), -1), expected.reshape(len(got), -1), dim=1)
+    plain = F.cosine_similarity(got.reshape(len(got), -1), -G.reshape(len(got), -1), dim=1)
+    print("cos", cos.min(), cos.median(), "plain gradient", plain.median())
+    assert cos.median() > 0.97 and cos.min() > 0.9, cos
+    assert torch.allclose(got.norm(), expected.norm(), rtol=0.1)
+    # the step size: the median operator moves the stream by STEP_RMS of its RMS
+    a = torch.as_tensor(state["basis_variance"])
+    shift = torch.sqrt((a[None, :, None] * ops.A.detach().pow(2)).sum((1, 2)) / D)
+    assert float(shift.median()) == pytest.approx(STEP_RMS, rel=2e-2)
+
+
+def test_residual_responses_are_linear_and_find_the_facts(residual_gn_run, tiny_pool):
+    run = residual_gn_run
+    q = fact_queries(tiny_pool)[0]
+    ops = run.operators
+    y = run.measure(q).responses
+    A = ops.A.detach().clone()
+    try:
+        ops.A.data[0] = A[0] + A[1]
+        y01 = run.measure(q).responses[0]
+    finally:
+        ops.A.data.copy_(A)
+    assert abs(y01 - (y[0] + y[1])) <= 0.02 * (abs(y[0]) + abs(y[1])) + 1e-6
+    metrics = fact_metrics(tiny_pool, run.attribute(fact_queries(tiny_pool), continuations=False))
+    assert metrics["recall_at_10"] >= 5 * 10 / len(tiny_pool), metrics

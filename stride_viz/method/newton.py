@@ -41,7 +41,7 @@ import scipy.sparse as sp
 import torch
 
 from stride_viz.config import ConfigError, FitConfig
-from stride_viz.method.cache import PoolCache
+from stride_viz.method.cache import PoolCache, autocast
 from stride_viz.method.frozen import FrozenLM
 from stride_viz.method.logits import LOSS_CHUNK_ELEMENTS
 from stride_viz.method.operators import SteeringOperators
@@ -80,33 +80,70 @@ def _normalised(ops: SteeringOperators, h: torch.Tensor) -> torch.Tensor:
     return h.float() / ops._rms(h)
 
 
-@torch.no_grad()
 def gauss_newton_operators(lm: FrozenLM, cache: PoolCache, membership: sp.csr_matrix, config: FitConfig,
                            progress: Callable[..., None] = no_progress,
                            should_stop: Callable[[], bool] = lambda: False) -> tuple[SteeringOperators, dict]:
-    """The K operators of a logits-mode fit by one damped Gauss-Newton step each, and a record
-    of the fit (for fit/state.json): basis variances, damping, step size, seconds."""
-    t0 = time.monotonic()
-    device = lm.device
-    K, n = membership.shape
-    D, C, r = lm.cut.d_model, int(cache.columns.numel()), config.rank
+    """The K operators of a fit by one damped Gauss-Newton step each (logits mode, or residual
+    mode with the linear design), and a record of the fit (for fit/state.json): basis
+    variances, damping, step size, seconds."""
+    D, r = lm.cut.d_model, config.rank
     if r > D:
         raise ConfigError(f"The 'rank' parameter of FitConfig must be at most the model's hidden "
                           f"size ({D}) with solver 'gauss-newton'. Got {r} instead.")
-    ops = SteeringOperators(K, D, r, C, torch.Generator().manual_seed(config.seed), rms_scale=False,
-                            columns=cache.columns.cpu()).to(device)
-    # a block's (tokens x |C|) probabilities and (examples x r x |C|) gradients stay within the
-    # loss budget of a training step
-    blocks = list(_blocks(cache, max(1, LOSS_CHUNK_ELEMENTS // max(1, C)),
-                          max(1, min(EXAMPLE_BLOCK, LOSS_CHUNK_ELEMENTS // max(1, r * C)))))
-    timer = StageTimer("fit", 2 * len(blocks), progress)
+    solve = _residual_operators if config.mode == "residual" else _logit_operators
+    return solve(lm, cache, membership, config, progress, should_stop)
+
+
+def _timer(n_blocks: int, progress: Callable[..., None], should_stop: Callable[[], bool]):
+    """A check(done, what) for the two passes: reports progress, raises Cancelled on a stop."""
+    timer = StageTimer("fit", 2 * n_blocks, progress)
 
     def check(done: int, what: str) -> None:
         if should_stop():
             raise Cancelled(f"fit stopped during its closed-form pass ({what}); it keeps no "
                             "partial state (the pass is cheap): run the same command again")
         timer.update(done, what)
+    return check
 
+
+def _principal(second: torch.Tensor, n_rows: int, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The top r principal directions (r, D) of a summed second moment over ``n_rows`` rows,
+    their variances (r,) and the share of the total variance they hold."""
+    second = second / max(1, n_rows)
+    evals, evecs = torch.linalg.eigh(second)
+    order = torch.argsort(evals, descending=True)[:r]
+    a = evals[order].clamp_min(0)
+    return evecs[:, order].T.float(), a.float(), float(a.sum() / max(1e-12, float(torch.trace(second))))
+
+
+def _record(a: torch.Tensor, share: float, lam: float, eta: float, step_rms: float, n_tok: int,
+            n_blocks: int, t0: float, **extra) -> dict:
+    return {"solver": "gauss-newton", "status": "done", "step": 2 * n_blocks,
+            "total_steps": 2 * n_blocks, "history": [],
+            "basis_variance": [round(float(x), 6) for x in a], "basis_variance_share": share,
+            "damping_absolute": lam, "step_scale": eta, "step_rms": step_rms,
+            "tokens": n_tok, "seconds_passes": time.monotonic() - t0, **extra}
+
+
+def _median_scale(rms: torch.Tensor, target: float) -> float:
+    """The factor that makes the median of the operators' typical shifts ``rms`` equal ``target``."""
+    median = float(rms.median())
+    return target / median if median > 0 else 0.0
+
+
+@torch.no_grad()
+def _logit_operators(lm, cache, membership, config, progress, should_stop):
+    t0 = time.monotonic()
+    device = lm.device
+    K, n = membership.shape
+    D, C, r = lm.cut.d_model, int(cache.columns.numel()), config.rank
+    ops = SteeringOperators(K, D, r, C, torch.Generator().manual_seed(config.seed), rms_scale=False,
+                            columns=cache.columns.cpu()).to(device)
+    # a block's (tokens x |C|) probabilities and (examples x r x |C|) gradients stay within the
+    # loss budget of a training step
+    blocks = list(_blocks(cache, max(1, LOSS_CHUNK_ELEMENTS // max(1, C)),
+                          max(1, min(EXAMPLE_BLOCK, LOSS_CHUNK_ELEMENTS // max(1, r * C)))))
+    check = _timer(len(blocks), progress, should_stop)
     step_rows = max(1, LOSS_CHUNK_ELEMENTS // lm.cut.vocab)   # full-vocabulary logits per piece
 
     # pass 1 (the cached hidden states only): their second moment, whose top directions are the basis
@@ -118,11 +155,7 @@ def gauss_newton_operators(lm: FrozenLM, cache: PoolCache, membership: sp.csr_ma
             second += (hn.T @ hn).double()
             n_tok += hn.shape[0]
         check(b + 1, f"curvature: block {b + 1}/{len(blocks)}")
-    second /= max(1, n_tok)
-    evals, evecs = torch.linalg.eigh(second)
-    order = torch.argsort(evals, descending=True)[:r]
-    basis = evecs[:, order].T.float()                              # (r, D), orthonormal rows
-    a = evals[order].clamp_min(0).float()                          # variances of the features
+    basis, a, share = _principal(second, n_tok, r)
     ops.basis.data.copy_(basis)
 
     # pass 2 (one pass of the LM head): the mean probabilities of C (the output factor) and, per
@@ -156,13 +189,93 @@ def gauss_newton_operators(lm: FrozenLM, cache: PoolCache, membership: sp.csr_ma
     lam = config.damping * float(a.mean()) * float(d.mean())
     step = -(grad / size) / (a[:, None] * d[None, :] + lam)        # (K, r, C)
     rms = torch.sqrt((a[None, :, None] * step.pow(2)).sum((1, 2)) / C)   # typical logit shift
-    median = float(rms.median())
-    eta = STEP_RMS / median if median > 0 else 0.0
+    eta = _median_scale(rms, STEP_RMS)
     ops.A.data.copy_(step * eta)
-    record = {"solver": "gauss-newton", "status": "done", "step": 2 * len(blocks),
-              "total_steps": 2 * len(blocks), "history": [],
-              "basis_variance": [round(float(x), 6) for x in a],
-              "basis_variance_share": float(a.sum() / max(1e-12, float(torch.trace(second)))),
-              "damping_absolute": lam, "step_scale": eta, "step_rms": STEP_RMS,
-              "tokens": n_tok, "seconds_passes": time.monotonic() - t0}
-    return ops, record
+    return ops, _record(a, share, lam, eta, STEP_RMS, n_tok, len(blocks), t0)
+
+
+@torch.no_grad()
+def _residual_operators(lm, cache, membership, config, progress, should_stop):
+    """Residual mode, linear design: operator k shifts the residual stream after block ``layer``
+    by ``rms(h) B(h / rms(h)) A[k]`` (A[k]: r x D, whatever the vocabulary). **(ours)** The
+    gradient of an example's mean token loss in A is ``sum_t u_t g_t^T`` (u_t = rms(h_t) B(h_t
+    / rms(h_t)), g_t = d loss / d h_t from one backward pass through the blocks above), and the
+    curvature is K-FAC's ``E[u u^T] (x) E[g~ g~^T]`` over the pool's positions (g~: the gradient
+    for next tokens sampled from the model, so that its second moment is the Fisher, the
+    Gauss-Newton matrix of the log-likelihood); the damped step is taken in the two factors'
+    eigenbases. The step size makes the median operator move the stream by ``STEP_RMS`` of its
+    RMS (a typical position, RMS over D)."""
+    t0 = time.monotonic()
+    device = lm.device
+    K, n = membership.shape
+    D, V, r = lm.cut.d_model, lm.cut.vocab, config.rank
+    gen = torch.Generator().manual_seed(config.seed)
+    ops = SteeringOperators(K, D, r, D, gen, rms_scale=True).to(device)
+    # a block's logits (and their softmax, gradient, sampled copy) stay within the loss budget
+    blocks = list(_blocks(cache, max(1, LOSS_CHUNK_ELEMENTS // (4 * V))))
+    check = _timer(len(blocks), progress, should_stop)
+
+    # pass 1 (the cached hidden states after block `layer` only): the basis
+    second = torch.zeros(D, D, dtype=torch.float64, device=device)
+    n_rows = int(cache.offsets[-1])
+    piece = max(1, LOSS_CHUNK_ELEMENTS // (4 * D))
+    for b, (s, e) in enumerate(blocks):
+        for a0 in range(int(cache.offsets[s]), int(cache.offsets[e]), piece):
+            rows = np.arange(a0, min(a0 + piece, int(cache.offsets[e])))
+            hn = _normalised(ops, cache.lower.take(rows))
+            second += (hn.T @ hn).double()
+        check(b + 1, f"basis: block {b + 1}/{len(blocks)}")
+    basis, a, share = _principal(second, n_rows, r)
+    ops.basis.data.copy_(basis)
+
+    # pass 2 (one forward and two backward passes of the blocks above): per-example gradients
+    # in A, and the two Kronecker factors of the curvature
+    member_of = torch.as_tensor(subsets_of(membership), device=device)        # (n, d)
+    grad = torch.zeros(K, r, D, device=device)
+    f_in = torch.zeros(r, r, dtype=torch.float64, device=device)
+    f_out = torch.zeros(D, D, dtype=torch.float64, device=device)
+    sample_gen = torch.Generator(device=device).manual_seed(config.seed)
+    T_fid = config.fidelity_temperature
+    for b, (s, e) in enumerate(blocks):
+        idx, att, msk = cache.padded(np.arange(s, e))
+        flat = torch.as_tensor(idx, device=device)
+        ids, att = cache.input_ids[flat], torch.as_tensor(att, device=device)
+        msk = torch.as_tensor(msk, device=device)
+        count = msk.sum(-1, keepdim=True).clamp_min(1.0)
+        weight = msk / count                                    # each example's mean over its tokens
+        tgt = cache.targets_at(idx)[0].clamp_min(0)
+        with torch.enable_grad():
+            h = cache.lower.take(idx).float().requires_grad_(True)               # (B, T, D)
+            with autocast(device, config.precision):
+                final = lm.upper_hidden(h, ids, att)
+            logp = torch.log_softmax(lm.logits(final).float() / T_fid, -1)       # (B, T, V)
+            with torch.no_grad():
+                drawn = torch.multinomial(logp.detach().exp().view(-1, V), 1, generator=sample_gen)
+            own = -(logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * weight).sum()
+            fisher = -(logp.gather(-1, drawn.view(*tgt.shape, 1)).squeeze(-1) * weight).sum()
+            g = torch.autograd.grad(own, h, retain_graph=True)[0].float()
+            g_sampled = torch.autograd.grad(fisher, h)[0].float()
+        on = att.unsqueeze(-1).float()
+        hf = h.detach()
+        u = (_normalised(ops, hf) @ basis.T) * ops._rms(hf) * on                # (B, T, r)
+        G = torch.einsum("btr,btd->brd", u, g)                                   # (B, r, D)
+        for slot in range(member_of.shape[1]):
+            grad.index_add_(0, member_of[s:e, slot], G)
+        f_in += torch.einsum("btr,bts->rs", u, u).double()
+        gs = (g_sampled * on).reshape(-1, D)
+        f_out += (gs.T @ gs).double()
+        check(len(blocks) + b + 1, f"operators: block {b + 1}/{len(blocks)}")
+    e_in, q_in = torch.linalg.eigh(f_in / max(1, n_rows))
+    e_out, q_out = torch.linalg.eigh(f_out / max(1, n_rows))
+    e_in, e_out = e_in.clamp_min(0).float(), e_out.clamp_min(0).float()
+    q_in, q_out = q_in.float(), q_out.float()
+
+    size = float(membership.sum()) / K                             # mean subset size
+    lam = config.damping * float(e_in.mean()) * float(e_out.mean())
+    rotated = torch.einsum("sr,ksd,de->kre", q_in, grad / size, q_out)
+    step = torch.einsum("rs,kse,de->krd", q_in, -rotated / (e_in[:, None] * e_out[None, :] + lam), q_out)
+    rms = torch.sqrt((a[None, :, None] * step.pow(2)).sum((1, 2)) / D)   # shift / rms(h)
+    eta = _median_scale(rms, STEP_RMS)
+    ops.A.data.copy_(step * eta)
+    return ops, _record(a, share, lam, eta, STEP_RMS, n_rows, len(blocks), t0,
+                        curvature="kfac-sampled")
