@@ -207,7 +207,7 @@ def _residual_operators(lm, cache, membership, config, progress, should_stop):
     RMS (a typical position, RMS over D)."""
     t0 = time.monotonic()
     device = lm.device
-    K, n = membership.shape
+    K = membership.shape[0]
     D, V, r = lm.cut.d_model, lm.cut.vocab, config.rank
     gen = torch.Generator().manual_seed(config.seed)
     ops = SteeringOperators(K, D, r, D, gen, rms_scale=True).to(device)
