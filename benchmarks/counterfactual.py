@@ -17,7 +17,9 @@ by ``numpy.random.default_rng([query index, k])``. Scores: the method's committe
 ``lds.json -> methods.<setting>.scores_file`` (``benchmarks/results/lds_scores``); each row of
 the log records the setting and the file it used.
 
-Each retrain is one JSON line in ``--log`` (resumable: a rerun skips what is recorded). The
+Each retrain is one JSON line in ``--log`` (resumable: a rerun skips what is recorded; where
+the log is missing, as on a fresh clone, it is first restored from the committed json's
+``rows`` and ``noise_rows``, so a rerun extends the committed sample). The
 work is done in the order (k, query, method), so a run stopped early leaves every query it
 reached with every method at the smaller k (a paired sample). ``--noise-seed S`` retrains the
 base model once on the whole pool with recipe seed S instead (nothing removed): the change of
@@ -142,6 +144,20 @@ def read_log(log: Path) -> list[dict]:
     return [row for _ln, row in read_jsonl(log, error=SystemExit, fix="remove it and rerun")]
 
 
+def restore_log(log: Path, out: Path = OUT) -> int:
+    """A fresh clone has no log (``benchmarks/work`` is git-ignored): write the committed
+    json's rows (removals and seed-noise retrains) into it, so that a rerun extends the
+    committed sample instead of redoing it. An existing log is left alone. Returns the rows
+    written."""
+    if log.exists() or not out.exists():
+        return 0
+    doc = json.loads(out.read_text())
+    rows = list(doc.get("rows", [])) + list(doc.get("noise_rows", []))
+    for row in rows:
+        append_row(log, row)
+    return len(rows)
+
+
 def append_row(log: Path, row: dict) -> None:
     """Append one row (flushed at once), cutting a torn last line off first."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +200,8 @@ def run(n_queries: int, names: list[str], ks: list[int], log: Path, noise_seed: 
     base = load_model(str(MODEL_DIR), device="cpu")
     base_loss = query_losses(base.model, base.tokenizer, queries, max_length)
     check_base_model(float(base_loss.mean()), report)
+    if restore_log(log):
+        print(f"{log}: restored from {OUT.relative_to(ROOT)}", flush=True)
     rows = read_log(log)
 
     if noise_seed is not None:
@@ -356,6 +374,7 @@ def other_stride_pairs(rows: list[dict], reference: str, n_boot: int = stats.N_B
 def assemble(log: Path, out: Path) -> dict:
     from stride_viz.evaluation import metrics as ev
 
+    restore_log(log, out)
     rows = read_log(log)
     if not rows:
         raise SystemExit(f"{log}: no retrains recorded; run the removals first (see --help).")
@@ -383,6 +402,8 @@ def assemble(log: Path, out: Path) -> dict:
         "paired_other_stride_settings": other_stride_pairs(rows, reference),
         "seed_noise": seed_noise(rows, result["queries"], test),
         "rows": [r for r in rows if r.get("kind", "removal") == "removal"],
+        # the seed-noise retrains, so that a fresh clone can assemble this file again
+        "noise_rows": [r for r in rows if r.get("kind") == "noise"],
         "note": "one retrain per cell (~45-90 s on one shared core); the sample size is in each entry's n_queries",
     }
     if earlier is not None:

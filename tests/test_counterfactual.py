@@ -186,6 +186,26 @@ def test_assemble_keeps_the_earlier_default_rows_apart(cf, tmp_path):
     assert doc["methods"]["stride:e6"]["k"]["10"]["mean_rise"] == pytest.approx(0.75)
 
 
+def test_a_fresh_clone_restores_the_log_from_the_committed_json(cf, tmp_path):
+    """benchmarks/work is git-ignored: the committed json alone must assemble again, seed noise
+    included, and a rerun must extend its sample rather than redo it."""
+    log, out = tmp_path / "cf.jsonl", tmp_path / "cf.json"
+    noise = {"kind": "noise", "seed": 1, "queries": ["fact-00", "heldout-x"], "loss": [1.5, 2.0],
+             "base_loss": [1.0, 2.5], "seconds": 41.0}
+    for r in _rows({"stride:e6": {"fact-00": 1.0, "heldout-x": 0.5}, "random": {"fact-00": 0.0, "heldout-x": 0.1}}):
+        cf.append_row(log, r)
+    cf.append_row(log, noise)
+    doc = cf.assemble(log, out)
+    assert doc["noise_rows"] == [noise]
+    log.unlink()                                     # what a fresh clone holds: the json only
+    assert cf.restore_log(log, out) == len(doc["rows"]) + 1
+    assert cf.read_log(log) == doc["rows"] + [noise]
+    assert cf.restore_log(log, out) == 0             # an existing log is never overwritten
+    again = cf.assemble(log, out)
+    assert again["seed_noise"] == doc["seed_noise"] and again["seed_noise"] is not None
+    assert again["methods"] == doc["methods"]
+
+
 def test_the_command_refuses_an_unknown_method_before_any_retrain(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--methods", "stride,nosuch", "--k", "10",
                           "--log", str(tmp_path / "cf.jsonl")], capture_output=True, text=True, timeout=300)
